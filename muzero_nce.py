@@ -1,0 +1,1300 @@
+"""MuZero with a contrastive (InfoNCE) world-model loss, for Atari, in one file.
+
+    python muzero_nce.py --game ms_pacman                    # train (GPU if there is one)
+    python muzero_nce.py --game ms_pacman --num-gpus 4       # search on GPU 0, DDP on GPUs 1-3
+    python muzero_nce.py --resume runs/<run>/checkpoint.pt   # continue a run
+    python -m pytest -q test_smoke.py                        # tests
+
+Data flow (Schrittwieser et al. 2020, MuZero; Ye et al. 2021, EfficientZero; Oord et al. 2018, InfoNCE):
+
+    envs --obs--> actor: initial_inference + batched MCTS (search) --action--> envs
+                    |  frame, reward, search policy, root value
+                    v
+    replay buffer (tensors) <--fresh policies and values-- reanalyze (search with recent weights)
+                    |  sequences of --jumps steps (+ n-step horizon), prioritised
+                    v
+    trainer: unroll dynamics K steps; policy + value + reward cross-entropy + InfoNCE
+                    |  weights, every --publish-interval updates
+                    v
+    actor and reanalyze
+
+`--num-trainers 0` runs acting, reanalyze and training in turn in one process (the reading
+path, deterministic under --seed on CPU); otherwise each part is a process (section 9).
+"""
+import argparse
+import copy
+import difflib
+import math
+import os
+import pickle
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Arguments
+# ---------------------------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints the whole usage block on a bad value; a user wants the one line."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser(argument_default=None):
+    p = OneLineParser(prog="muzero_nce.py", argument_default=argument_default,
+                      description="MuZero + InfoNCE on Atari (defaults: EfficientZero's Atari-100k).")
+    g = p.add_argument_group("environment")
+    g.add_argument("--game", default="ms_pacman", help="ALE ROM id in snake_case, e.g. ms_pacman, breakout")
+    g.add_argument("--grayscale", action="store_true", help="one channel per frame instead of RGB")
+    g.add_argument("--num-envs", type=positive_int, default=64, help="parallel training envs, searched as one batch")
+    g.add_argument("--sticky-actions", type=fraction, default=0.0,
+                   help="probability of repeating the previous action (0: the Atari-100k protocol)")
+    g.add_argument("--noop-max", type=non_negative_int, default=30, help="up to this many no-ops at reset")
+    g.add_argument("--max-episode-frames", type=positive_int, default=108_000, help="episode cap in frames (30 min)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=1, help="seeds torch, the envs and every sampler")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when there is one)")
+    g.add_argument("--total-env-steps", type=positive_int, default=100_000,
+                   help="agent steps (x4 frames) over all envs; 100k is the Atari-100k budget")
+    g.add_argument("--learning-starts", type=non_negative_int, default=2_000, help="env steps collected before training")
+    g.add_argument("--train-steps-per-env-step", type=non_negative_float, default=1.0,
+                   help="replay ratio: trainer updates per env step, held fixed whatever the hardware")
+    g.add_argument("--eval-interval", type=non_negative_int, default=20_000, help="env steps between evaluations (0: only at the end)")
+    g.add_argument("--eval-episodes", type=positive_int, default=32, help="episodes per evaluation, played in parallel")
+    g.add_argument("--log-interval", type=positive_int, default=5_000, help="env steps between progress lines")
+    g.add_argument("--checkpoint-interval", type=positive_int, default=20_000, help="env steps between checkpoints")
+    g.add_argument("--keep-checkpoints", action="store_true", help="also keep each periodic checkpoint as checkpoint_<env steps>.pt")
+    g.add_argument("--run-dir", default=None, help="where tensorboard events and checkpoints go (default runs/<game>__<seed>__<time>)")
+    g.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue from a checkpoint; flags given again on the command line override the saved ones")
+    g.add_argument("--save-buffer", action="store_true",
+                   help="also store the replay buffer, env and RNG states in checkpoints, so a resumed CPU run repeats exactly")
+    g = p.add_argument_group("search")
+    g.add_argument("--num-simulations", type=non_negative_int, default=50, help="simulations per move when acting and reanalysing (0: act from the policy head)")
+    g.add_argument("--eval-simulations", type=non_negative_int, default=50, help="simulations per move when evaluating")
+    g.add_argument("--c1", type=float, default=1.25, help="pUCT exploration constant")
+    g.add_argument("--c2", type=float, default=19652.0, help="pUCT visit-count scale (MuZero's c2)")
+    g.add_argument("--discount", type=float, default=0.997, help="discount per agent step")
+    g.add_argument("--dirichlet-alpha", type=float, default=0.3, help="root noise concentration when acting")
+    g.add_argument("--dirichlet-fraction", type=fraction, default=0.25, help="root noise weight when acting")
+    g = p.add_argument_group("replay and targets")
+    g.add_argument("--buffer-size", type=positive_int, default=100_000, help="env steps kept (each frame stored once)")
+    g.add_argument("--jumps", type=non_negative_int, default=5, help="unroll steps K of the dynamics in training")
+    g.add_argument("--td-steps", type=positive_int, default=5, help="n of the n-step value target")
+    g.add_argument("--priority-alpha", type=non_negative_float, default=0.6, help="prioritised replay exponent")
+    g.add_argument("--priority-beta", type=fraction, default=0.4, help="importance-weight exponent, annealed to 1")
+    g.add_argument("--search-value-targets", action=argparse.BooleanOptionalAction, default=True,
+                   help="bootstrap value targets from stored search root values (--no-search-value-targets: from the network's value)")
+    g.add_argument("--local-target-net", action="store_true",
+                   help="with --no-search-value-targets: each trainer computes bootstrap values with its own target network "
+                        "instead of using the values that acting and reanalyze stored")
+    g.add_argument("--target-update-interval", type=positive_int, default=200, help="updates between target-network refreshes")
+    g.add_argument("--reanalyze-fraction", type=fraction, default=1.0,
+                   help="fraction of trained sequences whose policy and value targets are refreshed by a new search")
+    g = p.add_argument_group("losses and optimiser")
+    g.add_argument("--batch-size-per-worker", type=positive_int, default=200, help="sequences per update per trainer")
+    g.add_argument("--policy-loss-weight", type=non_negative_float, default=1.0, help="weight of the policy cross-entropy")
+    g.add_argument("--value-loss-weight", type=non_negative_float, default=0.25, help="weight of the value cross-entropy")
+    g.add_argument("--reward-loss-weight", type=non_negative_float, default=1.0, help="weight of the reward cross-entropy")
+    g.add_argument("--nce", action=argparse.BooleanOptionalAction, default=True, help="InfoNCE world-model loss (--no-nce: off)")
+    g.add_argument("--nce-weight", type=non_negative_float, default=1.0, help="weight of the InfoNCE loss")
+    g.add_argument("--nce-temperature", type=float, default=0.1, help="temperature of the InfoNCE logits")
+    g.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="sgd with momentum (EfficientZero) or adamw (the original)")
+    g.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
+    g.add_argument("--lr-warmup-steps", type=non_negative_int, default=1_000, help="linear warm-up updates")
+    g.add_argument("--lr-decay-steps", type=positive_int, default=100_000, help="updates per step decay of the learning rate")
+    g.add_argument("--lr-decay-rate", type=float, default=0.1, help="factor of each learning-rate decay")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay")
+    g.add_argument("--max-grad-norm", type=float, default=5.0, help="gradient clipping norm")
+    g = p.add_argument_group("network")
+    g.add_argument("--channels", type=positive_int, default=64, help="channels of the latent state")
+    g.add_argument("--blocks", type=positive_int, default=1, help="residual blocks in each of representation, dynamics, prediction")
+    g.add_argument("--reduced-channels", type=positive_int, default=16, help="1x1-conv channels before each head's MLP")
+    g.add_argument("--head-hidden", type=positive_int, default=32, help="hidden units of the value, reward and policy MLPs")
+    g.add_argument("--support-size", type=positive_int, default=300, help="value and reward are categorical on [-n, n] in h-space")
+    g.add_argument("--proj-hidden", type=positive_int, default=1024, help="hidden units of the NCE projection")
+    g.add_argument("--proj-dim", type=positive_int, default=1024, help="output size of the NCE projection")
+    g.add_argument("--pred-hidden", type=positive_int, default=512, help="hidden units of the NCE prediction head (online side)")
+    g = p.add_argument_group("processes (section 9)")
+    g.add_argument("--num-gpus", type=non_negative_int, default=None, help="GPUs to use (default: all visible)")
+    g.add_argument("--num-trainers", type=non_negative_int, default=None,
+                   help="trainer processes in one DDP group (0: act, reanalyze and train in one process; "
+                        "default: one per GPU after GPU 0, one with a single GPU, 0 without GPUs)")
+    g.add_argument("--gpu-0-train", dest="gpu_0_train", action="store_true", help="also put a trainer on GPU 0")
+    g.add_argument("--no-gpu-0-train", dest="gpu_0_train", action="store_false",
+                   help="GPU 0 only acts, searches and reanalyses (the default with more than one GPU)")
+    g.add_argument("--reanalyze-workers", type=non_negative_int, default=1, help="reanalyze processes on GPU 0")
+    g.add_argument("--publish-interval", type=positive_int, default=100, help="updates between weights sent to actor and reanalyze")
+    g.add_argument("--devices", default=None,
+                   help="comma list overriding placement: actor, reanalyze workers, trainers in order (e.g. cpu,cpu,cpu,cpu)")
+    g.add_argument("--fault-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: a trainer raises after N updates
+    p.set_defaults(gpu_0_train=None)
+    return p
+
+
+def parse_args(argv=None):
+    """Parse flags; with --resume the saved flags come back, overridden by those given now."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if args.resume:
+        saved = load_checkpoint(args.resume)["args"]
+        given = vars(build_parser(argparse.SUPPRESS).parse_args(argv))
+        args = argparse.Namespace(**{**saved, **given})
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    fail = lambda message: sys.exit(f"muzero_nce.py: error: {message}")
+    if args.local_target_net and args.search_value_targets:
+        fail("--local-target-net computes bootstrap values on the trainer; it needs --no-search-value-targets")
+    if args.batch_size_per_worker > args.buffer_size:
+        fail(f"--batch-size-per-worker {args.batch_size_per_worker} is larger than --buffer-size {args.buffer_size}")
+    rows = args.buffer_size // args.num_envs
+    needed = args.jumps + args.td_steps + 4
+    if rows <= needed:
+        fail(f"--buffer-size {args.buffer_size} holds {rows} steps per env; sequences need more than {needed} "
+             f"(--jumps + --td-steps + 4 stacked frames): raise --buffer-size or lower --num-envs")
+    if args.learning_starts // args.num_envs <= needed:
+        fail(f"--learning-starts {args.learning_starts} gives {args.learning_starts // args.num_envs} steps per env; "
+             f"sampling whole sequences needs more than {needed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Utilities
+# ---------------------------------------------------------------------------------------------
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"muzero_nce.py: error: --device {name} but torch sees no CUDA device (use cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        sys.exit(f"muzero_nce.py: error: --device {name} but this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+H_EPS = 0.001  # MuZero's h keeps a small linear term so that h is invertible everywhere
+
+
+def h(x):
+    """MuZero's value transform h(x) = sign(x)(sqrt(|x| + 1) - 1) + eps x: squashes returns of
+    very different scales into a range a fixed categorical support can cover."""
+    return torch.sign(x) * (torch.sqrt(torch.abs(x) + 1) - 1) + H_EPS * x
+
+
+def h_inverse(y):
+    """Exact inverse of h (solve the quadratic in sqrt(|x| + 1))."""
+    root = (torch.sqrt(1 + 4 * H_EPS * (torch.abs(y) + 1 + H_EPS)) - 1) / (2 * H_EPS)
+    return torch.sign(y) * (root ** 2 - 1)
+
+
+def scalar_to_support(x, support_size):
+    """Scalars [...] -> two-hot distributions [..., 2n+1] over the integers -n..n of h(x)."""
+    y = h(x).clamp(-support_size, support_size)
+    low = y.floor()
+    upper_weight = y - low
+    probs = x.new_zeros(x.shape + (2 * support_size + 1,))
+    index = (low + support_size).long()
+    probs.scatter_(-1, index[..., None], (1 - upper_weight)[..., None])
+    # y = n lands on the last atom with upper_weight 0; clamp keeps its (zero) neighbour in range
+    probs.scatter_add_(-1, (index + 1).clamp(max=2 * support_size)[..., None], upper_weight[..., None])
+    return probs
+
+
+def support_to_scalar(logits, support_size):
+    """Categorical logits [..., 2n+1] -> scalars [...]: the expectation in h-space, then h^-1."""
+    atoms = torch.arange(-support_size, support_size + 1, device=logits.device, dtype=torch.float32)
+    return h_inverse((torch.softmax(logits.float(), -1) * atoms).sum(-1))
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash mid-write leaves the last good one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        sys.exit(f"muzero_nce.py: error: --resume {path}: no such checkpoint file")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def learning_rate(args, update):
+    """EfficientZero's schedule: linear warm-up, then a step decay every --lr-decay-steps."""
+    if update < args.lr_warmup_steps:
+        return args.lr * (update + 1) / args.lr_warmup_steps
+    return args.lr * args.lr_decay_rate ** (update // args.lr_decay_steps)
+
+
+def visit_temperature(progress):
+    """EfficientZero's acting temperature over the share of training done."""
+    return 1.0 if progress < 0.5 else 0.5 if progress < 0.75 else 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Environment
+# ---------------------------------------------------------------------------------------------
+# The env contract, met by ALE's C++ AtariVectorEnv and by any gymnasium vector env a test
+# passes as env_fn(num_envs): reset(seed=s) seeds env i with s + i; observations uint8 [E, stack, H, W] or [E, stack, H, W, C]
+# (oldest frame first, frames before the episode start all zero), Discrete actions, and
+# NEXT_STEP autoreset: the step after a terminal or truncated observation resets that env and
+# returns its first observation with reward 0.
+
+def check_game(game):
+    from ale_py import roms
+    games = roms.get_all_rom_ids()
+    if game not in games:
+        close = difflib.get_close_matches(game.lower().replace("-", "_"), games, n=4, cutoff=0.5)
+        hint = f"closest: {', '.join(close)}" if close else f"valid names are snake_case ROM ids such as {', '.join(games[:4])}"
+        sys.exit(f"muzero_nce.py: error: unknown game '{game}'; {hint}")
+
+
+def make_atari_env_fn(args):
+    """96x96 frames, 4 stacked, frameskip 4 with max-pool, up to --noop-max no-ops, full
+    episodes capped at --max-episode-frames, raw rewards (h scales them, no clipping)."""
+    check_game(args.game)
+
+    def env_fn(num_envs):
+        from ale_py.vector_env import AtariVectorEnv
+        return AtariVectorEnv(
+            args.game, num_envs, img_height=96, img_width=96, grayscale=args.grayscale, stack_num=4,
+            frameskip=4, maxpool=True, noop_max=args.noop_max, repeat_action_probability=args.sticky_actions,
+            max_num_frames_per_episode=args.max_episode_frames, reward_clipping=False, episodic_life=False,
+            use_fire_reset=False, autoreset_mode="NextStep", num_threads=min(num_envs, os.cpu_count() or 1))
+    return env_fn
+
+
+def observation_tensor(obs):
+    """Env observations [E, S, H, W(, C)] -> network input [E, S*C, H, W], still uint8."""
+    obs = torch.from_numpy(np.ascontiguousarray(obs))
+    if obs.dim() == 5:
+        obs = obs.permute(0, 1, 4, 2, 3)
+    return obs.reshape(obs.shape[0], -1, obs.shape[-2], obs.shape[-1])
+
+
+def env_spec(envs):
+    """Frame shape [C, H, W], stack depth and action count of a vector env."""
+    shape = envs.single_observation_space.shape
+    stack, (height, width), colours = shape[0], shape[1:3], (shape[3] if len(shape) == 4 else 1)
+    return (colours, height, width), stack, int(envs.single_action_space.n)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Networks (EfficientZero's Atari sizes by default)
+# ---------------------------------------------------------------------------------------------
+def conv3x3(c_in, c_out, stride=1):
+    return nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, c_in, c_out=None, stride=1):
+        super().__init__()
+        c_out = c_out or c_in
+        self.conv1, self.bn1 = conv3x3(c_in, c_out, stride), nn.BatchNorm2d(c_out)
+        self.conv2, self.bn2 = conv3x3(c_out, c_out), nn.BatchNorm2d(c_out)
+        self.skip = conv3x3(c_in, c_out, stride) if (stride, c_in) != (1, c_out) else nn.Identity()
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.skip(x))
+
+
+def scale_hidden(x):
+    """Min-max normalise each latent to [0, 1] (MuZero Atari): keeps the dynamics' inputs on
+    the scale of the representation's however many steps it is unrolled."""
+    flat = x.flatten(1)
+    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - low) / (high - low).clamp_min(1e-5)).view_as(x)
+
+
+def mlp(sizes, zero_last=False):
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers += [nn.BatchNorm1d(b), nn.ReLU()]
+    if zero_last:  # value and reward start at exactly 0 (EfficientZero's init_zero)
+        nn.init.zeros_(layers[-1].weight)
+        nn.init.zeros_(layers[-1].bias)
+    return nn.Sequential(*layers)
+
+
+class Head(nn.Module):
+    """1x1 conv to a few channels, then an MLP: latent [B, C, h, w] -> [B, out]."""
+
+    def __init__(self, channels, reduced, latent_hw, hidden, out, zero_last=False):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(channels, reduced, 1), nn.BatchNorm2d(reduced), nn.ReLU())
+        self.mlp = mlp([reduced * latent_hw[0] * latent_hw[1], hidden, out], zero_last)
+
+    def forward(self, x):
+        return self.mlp(self.reduce(x).flatten(1))
+
+
+class Representation(nn.Module):
+    """Stacked frames [B, S*C, H, W] uint8 -> latent [B, channels, h, w] in [0, 1]. Atari-size
+    frames pass MuZero's downsampling tower (96 -> 48 -> 24 -> 12 -> 6); small ones keep their size."""
+
+    def __init__(self, in_channels, channels, blocks, downsample):
+        super().__init__()
+        if downsample:
+            half = channels // 2
+            layers = [conv3x3(in_channels, half, 2), nn.BatchNorm2d(half), nn.ReLU(), ResidualBlock(half),
+                      ResidualBlock(half, channels, 2), ResidualBlock(channels), nn.AvgPool2d(3, 2, 1),
+                      ResidualBlock(channels), nn.AvgPool2d(3, 2, 1)]
+        else:
+            layers = [conv3x3(in_channels, channels), nn.BatchNorm2d(channels), nn.ReLU()]
+        self.net = nn.Sequential(*layers, *[ResidualBlock(channels) for _ in range(blocks)])
+
+    def forward(self, obs):
+        return scale_hidden(self.net(obs.float() / 255))
+
+
+class Dynamics(nn.Module):
+    """(latent, action) -> (next latent, reward logits); the action enters as one-hot planes."""
+
+    def __init__(self, channels, num_actions, blocks, reduced, hidden, support, latent_hw):
+        super().__init__()
+        self.num_actions = num_actions
+        self.conv, self.bn = conv3x3(channels + num_actions, channels), nn.BatchNorm2d(channels)
+        self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(blocks)])
+        self.reward = Head(channels, reduced, latent_hw, hidden, 2 * support + 1, zero_last=True)
+
+    def forward(self, latent, action):
+        B, _, height, width = latent.shape
+        planes = F.one_hot(action, self.num_actions).to(latent.dtype)[:, :, None, None].expand(B, -1, height, width)
+        x = F.relu(self.bn(self.conv(torch.cat([latent, planes], 1))) + latent)
+        x = self.blocks(x)
+        return scale_hidden(x), self.reward(x)
+
+
+class Prediction(nn.Module):
+    """latent -> (policy logits [B, A], value logits [B, 2n+1])."""
+
+    def __init__(self, channels, num_actions, blocks, reduced, hidden, support, latent_hw):
+        super().__init__()
+        self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(blocks)])
+        self.policy = Head(channels, reduced, latent_hw, hidden, num_actions)
+        self.value = Head(channels, reduced, latent_hw, hidden, 2 * support + 1, zero_last=True)
+
+    def forward(self, latent):
+        x = self.blocks(latent)
+        return self.policy(x), self.value(x)
+
+
+def scale_gradient(x, scale):
+    """Identity forward; multiplies the gradient by `scale` backward (MuZero's 1/2 on the
+    latent entering the dynamics, so the recurrent gradient does not grow with K)."""
+    return x * scale + x.detach() * (1 - scale)
+
+
+class MuZeroNet(nn.Module):
+    def __init__(self, frame_shape, stack, num_actions, args):
+        super().__init__()
+        colours, height, width = frame_shape
+        downsample = height >= 64 and width >= 64
+        latent_hw = (math.ceil(height / 16), math.ceil(width / 16)) if downsample else (height, width)
+        c, blocks, red, hid, sup = args.channels, args.blocks, args.reduced_channels, args.head_hidden, args.support_size
+        self.num_actions, self.support_size, self.stack = num_actions, sup, stack
+        self.representation = Representation(stack * colours, c, blocks, downsample)
+        self.dynamics = Dynamics(c, num_actions, blocks, red, hid, sup, latent_hw)
+        self.prediction = Prediction(c, num_actions, blocks, red, hid, sup, latent_hw)
+        latent_size = c * latent_hw[0] * latent_hw[1]
+        # NCE heads (EfficientZero's SimSiam sizes): both sides project; only the online side predicts.
+        self.projection = nn.Sequential(
+            nn.Linear(latent_size, args.proj_hidden), nn.BatchNorm1d(args.proj_hidden), nn.ReLU(),
+            nn.Linear(args.proj_hidden, args.proj_hidden), nn.BatchNorm1d(args.proj_hidden), nn.ReLU(),
+            nn.Linear(args.proj_hidden, args.proj_dim), nn.BatchNorm1d(args.proj_dim))
+        self.projection_head = mlp([args.proj_dim, args.pred_hidden, args.proj_dim])
+        if not args.nce:  # no unused parameters (DDP would refuse them)
+            self.projection = self.projection_head = None
+
+    def initial_inference(self, obs):
+        """obs [B, S*C, H, W] uint8 -> latent, policy logits [B, A], value logits [B, 2n+1]."""
+        latent = self.representation(obs)
+        return (latent, *self.prediction(latent))
+
+    def recurrent_inference(self, latent, action):
+        """latent [B, C, h, w], action [B] -> next latent, reward, policy and value logits."""
+        next_latent, reward = self.dynamics(latent, action)
+        return (next_latent, reward, *self.prediction(next_latent))
+
+    def project(self, latent, online=True):
+        z = self.projection(latent.flatten(1))
+        return self.projection_head(z) if online else z
+
+    def forward(self, obs, actions, nce=True):
+        """The training unroll: obs [B, S*C, H, W] at step 0, actions [B, K]. Returns policy
+        logits [B, K+1, A], value logits [B, K+1, 2n+1], reward logits [B, K, 2n+1] and the
+        online NCE predictions [B, K, D] (None without NCE). One forward() for DDP."""
+        latent, policy, value = self.initial_inference(obs)
+        policies, values, rewards, latents = [policy], [value], [], []
+        for k in range(actions.shape[1]):
+            latent, reward, policy, value = self.recurrent_inference(scale_gradient(latent, 0.5), actions[:, k])
+            policies.append(policy), values.append(value), rewards.append(reward), latents.append(latent)
+        B, K = actions.shape
+        stack = lambda xs, size: torch.stack(xs, 1) if xs else policy.new_zeros(B, 0, size)
+        predictions = None
+        if nce and K > 0:
+            predictions = self.project(torch.cat(latents)).view(K, B, -1).transpose(0, 1)
+        return stack(policies, 0), stack(values, 0), stack(rewards, value.shape[-1]), predictions
+
+
+def make_recurrent_fn(net):
+    """Adapts the network to search's model interface: (embedding, action) -> (reward, value,
+    policy logits, next embedding), scalars decoded from their supports."""
+    def recurrent_fn(latent, action):
+        next_latent, reward, policy, value = net.recurrent_inference(latent, action)
+        return (support_to_scalar(reward, net.support_size), support_to_scalar(value, net.support_size),
+                policy, next_latent)
+    return recurrent_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Search: B trees as tensors, searched together (the layout of DeepMind's mctx)
+# ---------------------------------------------------------------------------------------------
+# Node 0 of every tree is the root; node i is made at simulation i, so N = simulations + 1.
+# Each simulation walks down all B trees by pUCT (select), makes one batched recurrent_fn call
+# for the B new leaves (expand), and adds the leaf values back up the paths (backup). The model
+# enters only through recurrent_fn, so search works with any model and any embedding tensor.
+# Conventions: MuZero's pUCT with c1, c2; Q min-max normalised by the bounds seen in each
+# whole tree (MuZero's scheme, not mctx's parent-and-siblings); an unvisited action's Q is its
+# parent's mean value; the root's own evaluation counts as its first visit, so a node's visit
+# count is 1 + the sum of its children's.
+
+class SearchOutput(NamedTuple):
+    visit_counts: Tensor  # [B, A] visits of the root's children
+    policy: Tensor        # [B, A] visit counts normalised: the policy target
+    root_value: Tensor    # [B]    mean of all values backed up through the root
+    action: Tensor        # [B]    the action to play
+
+
+# The statistics of an edge (action a at a node) are those of the child it leads to. They are
+# packed along one axis so that one gather fetches all of a node's children at once.
+PRIOR, VISITS, VALUE_SUM, REWARD = range(4)
+
+
+@dataclass
+class Tree:
+    nodes: Tensor       # [B, N, 4]    each node's own statistics (those of the edge into it)
+    edges: Tensor       # [B, N, 4, A] the same statistics for each action's child
+    children: Tensor    # [B, N, A]    child node index, -1 while the action is unexpanded
+    embedding: Tensor   # [N, B, ...]  the model's latent at each node
+    bounds: Tensor      # [B, 2]       min and max Q seen in each tree
+
+
+def init_tree(prior, value, embedding, num_nodes):
+    B, A = prior.shape
+    nodes = prior.new_zeros(B, num_nodes, 4)
+    nodes[:, 0, VISITS] = 1
+    nodes[:, 0, VALUE_SUM] = value
+    edges = prior.new_zeros(B, num_nodes, 4, A)
+    edges[:, 0, PRIOR] = prior
+    children = torch.full((B, num_nodes, A), -1, dtype=torch.long, device=prior.device)
+    nodes_embedding = embedding.new_zeros((num_nodes,) + tuple(embedding.shape))
+    nodes_embedding[0] = embedding
+    bounds = torch.tensor([math.inf, -math.inf], device=prior.device).repeat(B, 1)
+    return Tree(nodes, edges, children, nodes_embedding, bounds)
+
+
+def q_normaliser(bounds):
+    """Scale and shift [B, 1] mapping each tree's [min, max] of Q onto [0, 1]. Until a tree has
+    seen two different Q values, every Q maps to 0 and the prior alone decides: no division
+    by zero when all values are equal, and no blow-up when they are huge."""
+    span = bounds[:, 1:] - bounds[:, :1]
+    seen = span > 0
+    scale = torch.where(seen, 1 / torch.where(seen, span, 1.0), 0.0)
+    return scale, torch.where(seen, -bounds[:, :1] * scale, 0.0)
+
+
+def puct_scores(tree, rows, discount, c1, c2, scale, shift):
+    """MuZero's pUCT score [B, A] of every action at the nodes `rows` (flat: b * N + node)."""
+    B, N, _, A = tree.edges.shape
+    prior, n, value_sum, reward = tree.edges.view(B * N, 4, A).index_select(0, rows).unbind(1)  # [B, A] each
+    parent = tree.nodes.view(B * N, 4).index_select(0, rows)                                   # [B, 4]
+    n_parent = parent[:, VISITS, None]                                                          # [B, 1]
+    # An unvisited action borrows its parent's mean value (EfficientZero, mctx); MuZero's
+    # pseudocode uses 0, which ranks every unexplored action below all explored ones.
+    q = torch.where(n > 0, reward + discount * value_sum / n.clamp(min=1), parent[:, VALUE_SUM, None] / n_parent)
+    c = (c1 + torch.log((n_parent + c2 + 1) / c2)) * n_parent.sqrt()
+    return torch.addcmul(shift, q, scale).clamp(0, 1) + c * prior / (1 + n)
+
+
+def select(tree, discount, c1, c2):
+    """Walk down all trees by pUCT until the chosen action is unexpanded. Returns the path
+    [B, D] (flat node rows; entries past a tree's depth repeat its last node), the actions
+    taken along it [B, D], and each path's depth [B]; the leaf's action is actions[depth]."""
+    B, N, A = tree.children.shape
+    rows = torch.arange(B, device=tree.children.device) * N
+    active = torch.ones(B, dtype=torch.bool, device=rows.device)
+    depth = torch.zeros_like(rows)
+    scale, shift = q_normaliser(tree.bounds)
+    children = tree.children.view(B * N, A)
+    path, actions = [], []
+    while True:  # one host sync per level: cheaper than walking the deepest tree's depth every time
+        action = puct_scores(tree, rows, discount, c1, c2, scale, shift).argmax(1)  # ties: lowest index
+        path.append(rows)
+        actions.append(action)
+        child = children.index_select(0, rows).gather(1, action[:, None]).squeeze(1)
+        active = active & (child >= 0)
+        if not active.any():
+            return torch.stack(path, 1), torch.stack(actions, 1), depth
+        rows = torch.where(active, rows - rows % N + child, rows)
+        depth = depth + active
+
+
+def expand(tree, sim, leaf, action, reward, logits, embedding):
+    """Make node `sim` of every tree the child of `leaf` (flat rows [B]) through `action`."""
+    B, N, _, A = tree.edges.shape
+    tree.children.view(-1)[leaf * A + action] = sim
+    tree.edges.view(-1)[leaf * 4 * A + REWARD * A + action] = reward
+    tree.nodes[:, sim, REWARD] = reward
+    tree.edges[:, sim, PRIOR] = torch.softmax(logits.float(), -1)
+    tree.embedding[sim] = embedding
+
+
+def discount_matrix(size, discount, device):
+    """M[d, m] = discount^(m-d-1) for m > d, else 0, so that returns = rewards @ M.T."""
+    d = torch.arange(size, device=device)
+    power = (d[None, :] - d[:, None] - 1).float()
+    return torch.where(power >= 0, discount ** power.clamp(min=0), 0.0)
+
+
+def backup(tree, path, actions, depth, sim, value, discount, discounts):
+    """Add the new leaf's value, discounted back through the rewards, to every node on its
+    path and to the edges between them; widen each tree's Q bounds."""
+    B, N, _, A = tree.edges.shape
+    D = path.shape[1]
+    position = torch.arange(D + 1, device=path.device)
+    leaf_depth = depth[:, None] + 1                                              # the new node, [B, 1]
+    on_path = position <= leaf_depth                                             # [B, D+1]
+    leaf_row = torch.arange(B, device=path.device)[:, None] * N + sim
+    rows = torch.cat([path, path[:, :1]], 1)
+    rows = torch.where(position == leaf_depth, leaf_row, torch.where(on_path, rows, rows[:, :1]))
+    nodes = tree.nodes.view(B * N, 4)
+    rewards = nodes[:, REWARD].index_select(0, rows.view(-1)).view(B, D + 1) * on_path
+    # the return seen from depth d: sum_{m>d} discount^(m-d-1) r_m + discount^(L-d) v, all d at once
+    returns = rewards @ discounts[:D + 1, :D + 1].T + discount ** (leaf_depth - position).clamp(min=0) * value[:, None]
+    returns, visits = returns * on_path, on_path.to(returns.dtype)
+    zeros = torch.zeros_like(returns)
+    nodes.index_add_(0, rows.view(-1), torch.stack([zeros, visits, returns, zeros], -1).view(-1, 4))
+    edge = path * 4 * A + actions                                                # the edge from depth d to d+1
+    tree.edges.view(-1).index_add_(0, (edge + VISITS * A).view(-1), visits[:, 1:].reshape(-1))
+    tree.edges.view(-1).index_add_(0, (edge + VALUE_SUM * A).view(-1), returns[:, 1:].reshape(-1))
+    stats = nodes.index_select(0, rows.view(-1)).view(B, D + 1, 4)
+    q = stats[..., REWARD] + discount * stats[..., VALUE_SUM] / stats[..., VISITS].clamp(min=1)
+    is_edge = on_path & (position > 0)                                           # the root has no edge into it
+    low = torch.where(is_edge, q, math.inf).amin(1)
+    high = torch.where(is_edge, q, -math.inf).amax(1)
+    tree.bounds = torch.stack([torch.minimum(tree.bounds[:, 0], low), torch.maximum(tree.bounds[:, 1], high)], 1)
+
+
+def select_action(weights, temperature, generator=None):
+    """argmax (temperature 0; ties to the lowest index) or a sample from weights^(1/T)."""
+    if temperature == 0:
+        return weights.argmax(-1)
+    logits = torch.log(weights.float()) / temperature
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+
+def dirichlet_noise(prior, alpha, fraction, generator=None):
+    # Dirichlet(alpha) as normalised Gamma(alpha) draws: torch's Dirichlet sampler takes no
+    # generator, the gamma op beneath it does.
+    gamma = torch._standard_gamma(torch.full_like(prior, alpha), generator=generator)
+    return (1 - fraction) * prior + fraction * gamma / gamma.sum(-1, keepdim=True)
+
+
+@torch.no_grad()
+def search(root_logits, root_value, root_embedding, recurrent_fn, num_simulations, *, discount=0.997,
+           c1=1.25, c2=19652.0, dirichlet_alpha=0.3, dirichlet_fraction=0.25, temperature=0.0, generator=None):
+    """Batched MCTS. root_logits [B, A], root_value [B], root_embedding [B, ...];
+    recurrent_fn(embedding, action) -> (reward [B], value [B], logits [B, A], next embedding).
+    With 0 simulations the policy is the (noised) prior itself. With dirichlet_fraction=0 the
+    result is deterministic. temperature=0 plays the most visited action."""
+    prior = torch.softmax(root_logits.float(), -1)
+    if dirichlet_fraction > 0:
+        prior = dirichlet_noise(prior, dirichlet_alpha, dirichlet_fraction, generator)
+    root_value = root_value.float()
+    if num_simulations == 0:
+        return SearchOutput(torch.zeros_like(prior), prior, root_value, select_action(prior, temperature, generator))
+    B, A = prior.shape
+    N = num_simulations + 1
+    tree = init_tree(prior, root_value, root_embedding, N)
+    discounts = discount_matrix(N + 1, discount, prior.device)
+    batch = torch.arange(B, device=prior.device)
+    embeddings = tree.embedding.view((N * B,) + tree.embedding.shape[2:])
+    for sim in range(1, N):
+        path, actions, depth = select(tree, discount, c1, c2)
+        leaf = path.gather(1, depth[:, None]).squeeze(1)                         # flat rows [B]
+        action = actions.gather(1, depth[:, None]).squeeze(1)
+        reward, value, logits, embedding = recurrent_fn(embeddings.index_select(0, leaf % N * B + batch), action)
+        expand(tree, sim, leaf, action, reward.float(), logits, embedding)
+        backup(tree, path, actions, depth, sim, value.float(), discount, discounts)
+    visit_counts = tree.edges[:, 0, VISITS]
+    root_value = tree.nodes[:, 0, VALUE_SUM] / tree.nodes[:, 0, VISITS]
+    return SearchOutput(visit_counts, visit_counts / visit_counts.sum(-1, keepdim=True), root_value,
+                        select_action(visit_counts, temperature, generator))
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Replay
+# ---------------------------------------------------------------------------------------------
+class Sequences(NamedTuple):
+    """Rows t-S+1 .. t+K+n of sampled (time t, env) sequences, each field [B, W, ...]."""
+    frames: Tensor          # [B, W, C, H, W] uint8, the newest frame of each observation
+    action: Tensor          # [B, W] action taken at the row's observation
+    reward: Tensor          # [B, W] reward received on arriving at the row's observation
+    terminal: Tensor        # [B, W] the observation ends its episode (absorbing afterwards)
+    truncated: Tensor       # [B, W] the observation was cut by the frame cap (still bootstraps)
+    episode_step: Tensor    # [B, W] steps since the episode's first observation
+    policy: Tensor          # [B, W, A] search policy
+    root_value: Tensor      # [B, W] search root value
+    network_value: Tensor   # [B, W] the network's value at the root
+
+
+class ReplayBuffer:
+    """Preallocated tensors, T = capacity // E steps for each of E envs, written as a ring in
+    which all envs write row `steps % T` together. Each frame is stored once; observation
+    stacks are rebuilt by index. The tensors can live in shared memory, written by the actor
+    and reanalyze and read by trainers in other processes (section 9)."""
+
+    FIELDS = ("frames", "action", "reward", "terminal", "truncated", "episode_step", "policy",
+              "root_value", "network_value", "priority")
+
+    def __init__(self, capacity, num_envs, frame_shape, num_actions, stack, unroll_steps, td_steps,
+                 priority_alpha=0.6):
+        T, E = capacity // num_envs, num_envs
+        self.T, self.E, self.stack, self.K, self.n, self.alpha = T, E, stack, unroll_steps, td_steps, priority_alpha
+        self.frames = torch.zeros((T, E) + tuple(frame_shape), dtype=torch.uint8)
+        self.action = torch.zeros(T, E, dtype=torch.long)
+        self.reward = torch.zeros(T, E)
+        self.terminal = torch.zeros(T, E, dtype=torch.bool)
+        self.truncated = torch.zeros(T, E, dtype=torch.bool)
+        self.episode_step = torch.zeros(T, E, dtype=torch.long)
+        self.policy = torch.zeros(T, E, num_actions)
+        self.root_value = torch.zeros(T, E)
+        self.network_value = torch.zeros(T, E)
+        self.priority = torch.zeros(T, E)
+        self.counters = torch.tensor([0.0, 1.0], dtype=torch.float64)  # steps written per env, max priority
+
+    @property
+    def steps(self):
+        return int(self.counters[0])
+
+    def share_memory_(self):
+        for name in self.FIELDS + ("counters",):
+            getattr(self, name).share_memory_()
+        return self
+
+    def add(self, frame, reward, terminal, truncated, episode_step, action, policy, root_value, network_value):
+        """Write one step of all E envs; new rows get the highest priority seen so far."""
+        row = self.steps % self.T
+        for name, value in (("frames", frame), ("reward", reward), ("terminal", terminal), ("truncated", truncated),
+                            ("episode_step", episode_step), ("action", action), ("policy", policy),
+                            ("root_value", root_value), ("network_value", network_value)):
+            getattr(self, name)[row] = value
+        self.priority[row] = self.counters[1]
+        self.counters[0] += 1  # last: in shared memory this publishes the row to readers
+
+    def times(self, steps=None):
+        """Global time [T] held by each ring row (negative while unwritten)."""
+        steps = self.steps if steps is None else steps
+        return steps - 1 - (steps - 1 - torch.arange(self.T)) % self.T
+
+    def start_mask(self):
+        """[T, E]: rows that may start a sequence: their S-1 past rows and K+n future rows are
+        still in the ring, and the row is not an episode's last observation."""
+        steps = self.steps
+        t = self.times(steps)
+        ok = (t >= max(0, steps - self.T) + self.stack - 1) & (t + self.K + self.n <= steps - 1)
+        return ok[:, None] & ~(self.terminal | self.truncated)
+
+    def sample(self, batch_size, beta, generator=None):
+        """Prioritised sampling: P(i) ~ p_i^alpha over valid starts. Returns global times [B],
+        envs [B] and importance weights (N P(i))^-beta / max [B]."""
+        weights = (self.priority.pow(self.alpha) * self.start_mask()).view(-1)
+        total, count = weights.sum(), int((weights > 0).sum())
+        if count == 0:
+            raise RuntimeError("the replay buffer has no complete sequence to sample yet")
+        index = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+        row, env = index // self.E, index % self.E
+        importance = (count * weights[index] / total).pow(-beta)
+        return self.times()[row], env, importance / importance.max()
+
+    def window(self, time, env, before=None, after=None):
+        """Rows time-before .. time+after of each sampled env (default: S-1 back, K+n ahead)."""
+        before = self.stack - 1 if before is None else before
+        after = self.K + self.n if after is None else after
+        rows = (time[:, None] + torch.arange(-before, after + 1)) % self.T                  # [B, W]
+        envs = env[:, None].expand_as(rows)
+        return Sequences(*(getattr(self, name)[rows, envs] for name in Sequences._fields))
+
+    def write_targets(self, time, env, policy, root_value, network_value):
+        """Reanalyze's write-back. Rows the actor has overwritten since (or is about to) are
+        skipped, so fresh targets never land on another step's row."""
+        keep = time >= self.steps - self.T + 1
+        rows, env = time[keep] % self.T, env[keep]
+        self.policy[rows, env] = policy[keep]
+        self.root_value[rows, env] = root_value[keep]
+        self.network_value[rows, env] = network_value[keep]
+
+    def update_priorities(self, time, env, priority):
+        bad = ~torch.isfinite(priority) | (priority <= 0)
+        if bad.any():
+            raise ValueError(f"priorities must be finite and positive, got {priority[bad][:5].tolist()}")
+        keep = time >= self.steps - self.T + 1
+        self.priority[time[keep] % self.T, env[keep]] = priority[keep].float()
+        self.counters[1] = max(float(self.counters[1]), float(priority.max()))
+
+    def state_dict(self):
+        return {name: getattr(self, name).clone() for name in self.FIELDS + ("counters",)}
+
+    def load_state_dict(self, state):
+        for name, value in state.items():
+            getattr(self, name).copy_(value)
+
+
+def stack_observations(frames, episode_step, stack):
+    """Rebuild the env's observation stacks from single frames: [B, W, C, H, W] ->
+    [B, W-S+1, S*C, H, W] for window positions S-1.., zeroing frames from before the
+    episode's start (as the env does at reset) so no stack mixes two episodes."""
+    positions = frames.shape[1] - stack + 1
+    index = torch.arange(positions, device=frames.device)[:, None] + torch.arange(stack, device=frames.device)
+    stacks = frames[:, index]                                                        # [B, P, S, C, H, W]
+    age = stack - 1 - torch.arange(stack, device=frames.device)                      # steps before the position
+    keep = age <= episode_step[:, stack - 1:, None]                                  # [B, P, S]
+    return (stacks * keep[..., None, None, None]).flatten(2, 3)
+
+
+class Targets(NamedTuple):
+    value: Tensor           # [B, K+1] n-step value targets
+    value_mask: Tensor      # [B, K+1]
+    reward: Tensor          # [B, K]   reward targets for unroll steps 1..K
+    reward_mask: Tensor     # [B, K]
+    policy: Tensor          # [B, K+1, A]
+    policy_mask: Tensor     # [B, K+1]
+    nce_mask: Tensor        # [B, K]   the real observation at t+k exists (same episode)
+    actions: Tensor         # [B, K]
+
+
+def n_step_targets(seq, values, unroll_steps, td_steps, discount, stack):
+    """Targets for unroll steps k = 0..K of sequences starting at window position S-1.
+    values [B, K+n+1] are the bootstrap values of rows t..t+K+n.
+
+    z_k = sum_{i<h} discount^i r_{t+k+i+1} + discount^h v_{t+k+h},  h = min(n, end - k),
+    where `end` is the first final row: after a terminal one the bootstrap term is dropped and
+    later steps are absorbing (value and reward 0, no policy target); a truncated one (frame
+    cap) bootstraps from its own stored value and masks every target after it."""
+    K, n, o = unroll_steps, td_steps, stack - 1
+    B, device = values.shape[0], values.device
+    terminal, final = seq.terminal[:, o:], (seq.terminal | seq.truncated)[:, o:]     # [B, K+n+1], row t first
+    j = torch.arange(K + n + 1, device=device)
+    end = torch.where(final, j, K + n + 1).amin(1, keepdim=True)                      # [B, 1]; K+n+1: no end
+    ends_terminal = terminal.gather(1, end.clamp(max=K + n)) & (end <= K + n)         # [B, 1]
+    rewards = seq.reward[:, o:]
+    k = torch.arange(K + 1, device=device)
+    z = torch.zeros(B, K + 1, device=device)
+    for i in range(n):
+        step = k + i + 1                                                               # reward on reaching t+k+i+1
+        z += discount ** i * rewards[:, step] * (step <= end)
+    horizon = (end - k).clamp(0, n)                                                    # [B, K+1]
+    bootstrap = values.gather(1, k + horizon) * discount ** horizon.float()
+    bootstraps = (k <= end) & ~((k + horizon == end) & ends_terminal)
+    z = torch.where(bootstraps, z + bootstrap, z)
+    k1 = k[1:]
+    return Targets(
+        value=z, value_mask=((k <= end) | ends_terminal).float(),
+        reward=rewards[:, 1:K + 1] * (k1 <= end), reward_mask=((k1 <= end) | ends_terminal).float(),
+        policy=seq.policy[:, o:o + K + 1],
+        policy_mask=((k < end) | ((k == end) & ~ends_terminal)).float(),
+        nce_mask=(k1 <= end).float(), actions=seq.action[:, o:o + K])
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Losses
+# ---------------------------------------------------------------------------------------------
+def cross_entropy(logits, target_probs):
+    """Cross-entropy between logits [..., M] and target distributions [..., M] -> [...]."""
+    return -(target_probs * F.log_softmax(logits.float(), -1)).sum(-1)
+
+
+def nce_loss(predictions, targets, temperature, valid, same_episode=None):
+    """InfoNCE (Oord et al. 2018) for one unroll step: the online prediction [B, D] of sample i
+    must pick out the target projection [B, D] of i's real observation among those of the
+    batch, by cosine similarity / temperature. Negatives from i's own episode (same env, same
+    episode; also a sequence sampled twice) are masked out, not merely down-weighted: they
+    may show the same frame. Returns loss [B] (0 where not valid) and accuracy [B]."""
+    targets = targets.detach()  # the target branch only supplies labels
+    logits = F.normalize(predictions.float(), dim=-1) @ F.normalize(targets.float(), dim=-1).T / temperature
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    if same_episode is not None:
+        logits = logits.masked_fill(same_episode & (labels[:, None] != labels), -torch.inf)
+    logits = logits.masked_fill(~valid.bool()[None, :], -torch.inf)  # past an episode's end: no target
+    logits = torch.where(valid.bool()[:, None], logits, 0.0)         # rows without a target give 0
+    loss = F.cross_entropy(logits, labels, reduction="none") * valid
+    accuracy = (logits.argmax(1) == labels).float() * valid
+    return loss, accuracy
+
+
+def muzero_losses(outputs, targets, target_projections, same_episode, args, support_size):
+    """Per-sample loss terms [B] and priorities [B]. outputs = MuZeroNet.forward(...).
+    Step 0 counts fully and each unrolled step 1/K (MuZero), so the total does not grow with K."""
+    policy_logits, value_logits, reward_logits, predictions = outputs
+    K = reward_logits.shape[1]
+    step_weight = torch.full((K + 1,), 1.0 / max(K, 1), device=value_logits.device)
+    step_weight[0] = 1.0
+    value = cross_entropy(value_logits, scalar_to_support(targets.value, support_size)) * targets.value_mask
+    policy = cross_entropy(policy_logits, targets.policy) * targets.policy_mask
+    reward = cross_entropy(reward_logits, scalar_to_support(targets.reward, support_size)) * targets.reward_mask
+    terms = {"value": (value * step_weight).sum(1), "policy": (policy * step_weight).sum(1),
+             "reward": (reward * step_weight[1:]).sum(1)}
+    metrics = {}
+    if predictions is not None:
+        losses, accuracies = zip(*(nce_loss(predictions[:, k], target_projections[:, k], args.nce_temperature,
+                                            targets.nce_mask[:, k], same_episode) for k in range(K)))
+        terms["nce"] = (torch.stack(losses, 1) * step_weight[1:]).sum(1)
+        counts = targets.nce_mask.sum(0).clamp(min=1)
+        metrics = {f"nce/accuracy_step_{k + 1}": accuracies[k].sum() / counts[k] for k in range(K)}
+    predicted = support_to_scalar(value_logits[:, 0].detach(), support_size)
+    priorities = (predicted - targets.value[:, 0]).abs() + 1e-6
+    return terms, priorities, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Acting, reanalyze, training step: what the process loops of section 9 call
+# ---------------------------------------------------------------------------------------------
+def run_search(net, obs, args, num_simulations, temperature=0.0, noise=False, generator=None):
+    """initial_inference on observations [B, S*C, H, W], then the batched search."""
+    latent, policy_logits, value_logits = net.initial_inference(obs)
+    value = support_to_scalar(value_logits, net.support_size)
+    out = search(policy_logits, value, latent, make_recurrent_fn(net), num_simulations, discount=args.discount,
+                 c1=args.c1, c2=args.c2, dirichlet_alpha=args.dirichlet_alpha,
+                 dirichlet_fraction=args.dirichlet_fraction if noise else 0.0, temperature=temperature,
+                 generator=generator)
+    return out, value
+
+
+class Actor:
+    """Steps E envs, one batched search per step, and writes every step to the buffer. Row t of
+    an env holds observation o_t with the reward and end flags that came with it, then the
+    search's policy, value and action at o_t. An episode's last observation is searched too
+    (NEXT_STEP autoreset ignores its action), so a truncated end has a value to bootstrap from."""
+
+    def __init__(self, envs, buffer, args, device, generator):
+        self.envs, self.buffer, self.args, self.device, self.generator = envs, buffer, args, device, generator
+        self.frame_shape = env_spec(envs)[0]
+        self.last_search = None
+        self.reset(args.seed)
+
+    def reset(self, seed):
+        E = self.envs.num_envs
+        self.obs, _ = self.envs.reset(seed=seed)
+        self.reward = torch.zeros(E)
+        self.terminal = torch.zeros(E, dtype=torch.bool)
+        self.truncated = torch.zeros(E, dtype=torch.bool)
+        self.episode_step = torch.zeros(E, dtype=torch.long)
+        self.episode_return = torch.zeros(E, dtype=torch.float64)
+
+    @torch.no_grad()
+    def step(self, net, temperature):
+        """One step of all envs. Returns the (return, length) of the episodes that ended."""
+        obs = observation_tensor(self.obs)
+        out, value = run_search(net, obs.to(self.device), self.args, self.args.num_simulations, temperature,
+                                noise=True, generator=self.generator)
+        action, self.last_search = out.action.cpu(), out
+        frame = obs[:, -self.frame_shape[0]:]  # the newest frame of each stack
+        self.buffer.add(frame, self.reward, self.terminal, self.truncated, self.episode_step, action,
+                        out.policy.cpu(), out.root_value.cpu(), value.cpu())
+        self.obs, reward, terminal, truncated, _ = self.envs.step(action.numpy())
+        restarted = self.terminal | self.truncated           # these envs just reset
+        self.reward = torch.where(restarted, 0.0, torch.as_tensor(reward, dtype=torch.float32))
+        self.terminal, self.truncated = torch.as_tensor(terminal), torch.as_tensor(truncated)
+        self.episode_step = torch.where(restarted, 0, self.episode_step + 1)
+        self.episode_return = torch.where(restarted, 0.0, self.episode_return) + self.reward
+        ended = (self.terminal | self.truncated).nonzero().flatten().tolist()
+        return [(float(self.episode_return[i]), int(self.episode_step[i])) for i in ended]
+
+    def state_dict(self):
+        return {"obs": self.obs, "reward": self.reward, "terminal": self.terminal, "truncated": self.truncated,
+                "episode_step": self.episode_step, "episode_return": self.episode_return}
+
+    def load_state_dict(self, state):
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+@torch.no_grad()
+def evaluate(net, env_fn, args, device, seed):
+    """Play --eval-episodes episodes in parallel envs without exploration: no root noise, the
+    most visited action, --eval-simulations. Returns the episode returns [episodes]."""
+    envs = env_fn(args.eval_episodes)
+    obs, _ = envs.reset(seed=seed)
+    returns = np.zeros(args.eval_episodes)
+    done = np.zeros(args.eval_episodes, dtype=bool)
+    while not done.all():
+        playing = torch.as_tensor(~done)
+        out, _ = run_search(net, observation_tensor(obs)[playing].to(device), args, args.eval_simulations)
+        action = np.zeros(args.eval_episodes, dtype=np.int64)
+        action[~done] = out.action.cpu().numpy()
+        obs, reward, terminal, truncated, _ = envs.step(action)
+        returns += reward * ~done
+        done |= terminal | truncated
+    envs.close()
+    return returns
+
+
+REANALYZE_CHUNK = 2048  # trees searched at once; bounds the memory of the nodes' latents
+
+
+@torch.no_grad()
+def reanalyze(net, buffer, time, env, args, device):
+    """Search again, with recent weights, at rows t..t+K+n of each sequence (its policy-target
+    and bootstrap rows) and write the fresh search policy, root value and network value back
+    (MuZero Reanalyze; EfficientZero refreshes every target). Returns the simulations run."""
+    seq = buffer.window(time, env)
+    obs = stack_observations(seq.frames, seq.episode_step, buffer.stack).flatten(0, 1)   # [B*(K+n+1), S*C, H, W]
+    results = [run_search(net, chunk.to(device), args, args.num_simulations) for chunk in obs.split(REANALYZE_CHUNK)]
+    policy = torch.cat([out.policy for out, _ in results]).cpu()
+    root_value = torch.cat([out.root_value for out, _ in results]).cpu()
+    value = torch.cat([v for _, v in results]).cpu()
+    steps = buffer.K + buffer.n + 1
+    times = (time[:, None] + torch.arange(steps)).flatten()
+    buffer.write_targets(times, env.repeat_interleave(steps), policy, root_value, value)
+    return obs.shape[0] * args.num_simulations
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Learner:
+    """The online network (DDP-wrapped in a trainer process), its optimiser, and a target
+    network refreshed every --target-update-interval updates for the NCE targets (and, with
+    --local-target-net, the bootstrap values). One train_step is one update."""
+
+    def __init__(self, net, args, device, model=None):
+        self.net, self.model, self.args, self.device = net, model or net, args, device
+        self.target = copy.deepcopy(net).eval().requires_grad_(False)
+        if args.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
+                                             weight_decay=args.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.updates = 0
+        self.loss_weights = {"value": args.value_loss_weight, "policy": args.policy_loss_weight,
+                             "reward": args.reward_loss_weight, "nce": args.nce_weight}
+
+    def train_step(self, seq, time, env, weights):
+        """seq: Sequences on the device; weights [B] importance weights. Returns (metrics, priorities)."""
+        args, S, K = self.args, self.net.stack, self.args.jumps
+        obs = stack_observations(seq.frames, seq.episode_step, S)                       # [B, K+n+1, S*C, H, W]
+        B = obs.shape[0]
+        with torch.no_grad():
+            if args.local_target_net:
+                values = support_to_scalar(self.target.initial_inference(obs.flatten(0, 1))[2], self.net.support_size)
+                values = values.view(B, -1)
+            else:
+                values = (seq.root_value if args.search_value_targets else seq.network_value)[:, S - 1:]
+            targets = n_step_targets(seq, values, K, args.td_steps, args.discount, S)
+            projections = same_episode = None
+            if args.nce and K > 0:
+                real = self.target.representation(obs[:, 1:K + 1].flatten(0, 1))         # the observations at t+1..t+K
+                projections = self.target.project(real, online=False).view(B, K, -1)
+                start = (time.to(self.device) - seq.episode_step[:, S - 1])
+                env = env.to(self.device)
+                same_episode = (env[:, None] == env) & (start[:, None] == start)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(args, self.updates)
+        self.model.train()
+        outputs = self.model(obs[:, 0], targets.actions, nce=args.nce)
+        terms, priorities, metrics = muzero_losses(outputs, targets, projections, same_episode, args, self.net.support_size)
+        losses = {name: (term * weights).mean() for name, term in terms.items()}
+        loss = sum(self.loss_weights[name] * value for name, value in losses.items())
+        values = torch.stack([loss, *losses.values()])
+        if not torch.isfinite(values).all():
+            detail = ", ".join(f"{name}={float(v):.4g}" for name, v in zip(["total", *losses], values))
+            raise NonFiniteError(f"non-finite loss at update {self.updates + 1} ({detail})")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), args.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteError(f"non-finite gradient at update {self.updates + 1} (losses: "
+                                 + ", ".join(f"{name}={float(v):.4g}" for name, v in losses.items()) + ")")
+        self.optimizer.step()
+        self.updates += 1
+        if self.updates % args.target_update_interval == 0:
+            self.target.load_state_dict(self.net.state_dict())
+        metrics.update({f"losses/{name}": v.detach() for name, v in losses.items()})
+        metrics.update({"losses/total": loss.detach(), "losses/grad_norm": grad_norm,
+                        "charts/learning_rate": torch.tensor(learning_rate(args, self.updates - 1))})
+        return metrics, priorities.detach()
+
+    def state_dict(self):
+        return {"net": self.net.state_dict(), "target": self.target.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state):
+        self.net.load_state_dict(state["net"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = state["updates"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Processes: actor and reanalyze on GPU 0, DDP trainers on the other GPUs
+# ---------------------------------------------------------------------------------------------
+# (filled in by the process layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Main
+# ---------------------------------------------------------------------------------------------
+class Progress:
+    """Progress lines and tensorboard curves, both keyed by env steps (CleanRL's global_step)."""
+
+    def __init__(self, run_dir, args):
+        from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only main needs it
+        self.writer = SummaryWriter(run_dir)
+        self.writer.add_text("args", "\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+        self.returns, self.eval_return, self.loss = [], None, None
+        self.mark = (time.time(), 0, 0, 0)
+
+    def scalars(self, values, step):
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, float(value), step)
+
+    def episode(self, episode_return, length, step):
+        self.returns.append(episode_return)
+        self.scalars({"charts/episode_return": episode_return, "charts/episode_length": length}, step)
+
+    def line(self, env_steps, updates, sims, extra=None):
+        now = time.time()
+        seconds = max(now - self.mark[0], 1e-9)
+        rates = [(x - m) / seconds for x, m in zip((env_steps, sims, updates), self.mark[1:])]
+        self.mark = (now, env_steps, sims, updates)
+        self.scalars({"charts/env_steps_per_s": rates[0], "charts/sims_per_s": rates[1],
+                      "charts/updates_per_s": rates[2], **(extra or {})}, env_steps)
+        recent = self.returns[-20:]
+        parts = [f"env {env_steps:,}", f"{rates[0]:,.0f} env/s", f"{rates[1] / 1000:,.1f}k sims/s",
+                 f"{rates[2]:,.1f} upd/s", f"upd {updates:,}",
+                 f"return {np.mean(recent):,.1f}" if recent else "return -",
+                 f"eval {self.eval_return:,.1f}" if self.eval_return is not None else "eval -",
+                 f"loss {self.loss:.3f}" if self.loss is not None else "loss -"]
+        print(" | ".join(parts), flush=True)
+
+    def close(self):
+        self.writer.close()
+
+
+def default_run_dir(args):
+    return args.run_dir or os.path.join("runs", f"{args.game}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def crossed(value, step, interval):
+    """True when `value` passed a multiple of `interval` during its last increase of `step`."""
+    return value // interval > (value - step) // interval
+
+
+def make_generator(device, seed):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def rng_state(generators):
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "generators": [g.get_state() for g in generators]}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, generators):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    for g, s in zip(generators, state["generators"]):
+        g.set_state(s)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def log_protocol(args, frame_shape, stack, num_actions, device):
+    print(f"game {args.game} | frames {frame_shape} x {stack} | {num_actions} actions | device {device} | "
+          f"evaluation: {args.eval_episodes} episodes, {args.eval_simulations} simulations, no noise, most-visited "
+          f"action, no-ops <= {args.noop_max}, sticky {args.sticky_actions}, cap {args.max_episode_frames:,} frames, "
+          f"no life loss; the final weights are scored", flush=True)
+
+
+def train(args, env_fn=None):
+    """Single process (--num-trainers 0): act, reanalyze and train in turn, the replay ratio
+    held exactly. Deterministic on CPU under --seed. Returns a summary dict."""
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    env_fn = env_fn or make_atari_env_fn(args)
+    envs = env_fn(args.num_envs)
+    frame_shape, stack, num_actions = env_spec(envs)
+    net = MuZeroNet(frame_shape, stack, num_actions, args).to(device)
+    learner = Learner(net, args, device)
+    acting = copy.deepcopy(net).eval()  # the published weights: actor and reanalyze use these
+    buffer = ReplayBuffer(args.buffer_size, args.num_envs, frame_shape, num_actions, stack, args.jumps,
+                          args.td_steps, args.priority_alpha)
+    sampler = make_generator("cpu", args.seed + 1)
+    actor = Actor(envs, buffer, args, device, make_generator(device, args.seed + 2))
+    counters = {"env_steps": 0, "update_credit": 0.0, "sims": 0}
+    run_dir = default_run_dir(args)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    if args.resume:
+        envs = resume(args.resume, learner, acting, counters, buffer, actor, [sampler, actor.generator], envs)
+    log_protocol(args, frame_shape, stack, num_actions, device)
+    progress = Progress(run_dir, args)
+    progress.mark = (time.time(), counters["env_steps"], counters["sims"], learner.updates)
+    E, B = args.num_envs, args.batch_size_per_worker
+    metrics = {}
+
+    def save(path):
+        state = {"args": vars(args), **learner.state_dict(), "acting": acting.state_dict(), "counters": dict(counters)}
+        if args.save_buffer:
+            state.update(buffer=buffer.state_dict(), actor=actor.state_dict(), rng=rng_state([sampler, actor.generator]),
+                         envs=picklable(envs))
+        save_checkpoint(path, state)
+
+    while counters["env_steps"] < args.total_env_steps:
+        progress_fraction = counters["env_steps"] / args.total_env_steps
+        for episode_return, length in actor.step(acting, visit_temperature(progress_fraction)):
+            progress.episode(episode_return, length, counters["env_steps"])
+        counters["env_steps"] += E
+        counters["sims"] += E * args.num_simulations
+        if buffer.steps * E >= args.learning_starts:  # (after a resume without the buffer, refill first)
+            counters["update_credit"] += E * args.train_steps_per_env_step
+        beta = args.priority_beta + (1 - args.priority_beta) * progress_fraction
+        while counters["update_credit"] >= 1:
+            counters["update_credit"] -= 1
+            time_, env, weights = buffer.sample(B, beta, sampler)
+            refresh = round(args.reanalyze_fraction * B)
+            if refresh and args.num_simulations:
+                counters["sims"] += reanalyze(acting, buffer, time_[:refresh], env[:refresh], args, device)
+            seq = Sequences(*(x.to(device) for x in buffer.window(time_, env)))
+            metrics, priorities = learner.train_step(seq, time_, env, weights.to(device))
+            buffer.update_priorities(time_, env, priorities.cpu())
+            if learner.updates % args.publish_interval == 0:
+                acting.load_state_dict(net.state_dict())
+        steps = counters["env_steps"]
+        final = steps >= args.total_env_steps
+        if (args.eval_interval and crossed(steps, E, args.eval_interval)) or final:
+            net.eval()
+            returns = evaluate(net, env_fn, args, device, seed=args.seed + 10_000 + steps)
+            progress.eval_return = float(returns.mean())
+            progress.scalars({"charts/eval_return": returns.mean(), "charts/eval_return_std": returns.std()}, steps)
+        if crossed(steps, E, args.log_interval) or final:
+            extra = {k: v for k, v in metrics.items()}
+            if metrics:
+                progress.loss = float(metrics["losses/total"])
+            if actor.last_search is not None:
+                out = actor.last_search
+                p = out.policy.clamp_min(1e-12)
+                extra.update({"search/root_value": out.root_value.mean(), "search/visit_entropy": -(p * p.log()).sum(-1).mean()})
+            progress.line(steps, learner.updates, counters["sims"], extra)
+        if crossed(steps, E, args.checkpoint_interval) or final:
+            save(checkpoint_path)
+            if args.keep_checkpoints and not final:
+                save(os.path.join(run_dir, f"checkpoint_{steps}.pt"))
+    progress.close()
+    envs.close()
+    return {"eval_return": progress.eval_return, "env_steps": counters["env_steps"], "updates": learner.updates,
+            "run_dir": run_dir, "net": net}
+
+
+def picklable(envs):
+    """The envs' state as bytes when they can be pickled (Python envs), else None (ALE's C++ envs)."""
+    try:
+        return pickle.dumps(envs)
+    except Exception:
+        return None
+
+
+def resume(path, learner, acting, counters, buffer, actor, generators, envs):
+    """Restore a checkpoint into a fresh run. With a saved buffer and picklable envs the run
+    continues exactly; with C++ envs the running episodes are cut (marked truncated, so they
+    still bootstrap) and fresh ones start; without a buffer it refills before training again."""
+    state = load_checkpoint(path)
+    learner.load_state_dict(state)
+    acting.load_state_dict(state["acting"])
+    counters.update(state["counters"])
+    seed = learner.args.seed + counters["env_steps"]
+    if "buffer" in state:
+        buffer.load_state_dict(state["buffer"])
+        set_rng_state(state["rng"], generators)
+        if state.get("envs") is not None:
+            envs.close()
+            envs = actor.envs = pickle.loads(state["envs"])
+            actor.load_state_dict(state["actor"])
+            return envs
+        if buffer.steps:
+            buffer.truncated[(buffer.steps - 1) % buffer.T] = True
+    else:
+        counters["update_credit"] = 0.0
+    actor.reset(seed)
+    return envs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.game and args.resume is None:
+        pass
+    try:
+        train(args)
+    except NonFiniteError as error:
+        sys.exit(f"muzero_nce.py: error: {error}; the last checkpoint is untouched")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
