@@ -23,6 +23,7 @@ path, deterministic under --seed on CPU); otherwise each part is a process (sect
 """
 import argparse
 import copy
+import datetime
 import difflib
 import math
 import os
@@ -597,6 +598,7 @@ def expand(tree, sim, leaf, action, reward, logits, embedding):
     tree.children.view(-1)[leaf * A + action] = sim
     tree.edges.view(-1)[leaf * 4 * A + REWARD * A + action] = reward
     tree.nodes[:, sim, REWARD] = reward
+    tree.nodes[:, sim, PRIOR] = tree.edges.view(-1)[leaf * 4 * A + PRIOR * A + action]
     tree.edges[:, sim, PRIOR] = torch.softmax(logits.float(), -1)
     tree.embedding[sim] = embedding
 
@@ -928,11 +930,11 @@ class Actor:
     search's policy, value and action at o_t. An episode's last observation is searched too
     (NEXT_STEP autoreset ignores its action), so a truncated end has a value to bootstrap from."""
 
-    def __init__(self, envs, buffer, args, device, generator):
+    def __init__(self, envs, buffer, args, device, generator, seed):
         self.envs, self.buffer, self.args, self.device, self.generator = envs, buffer, args, device, generator
         self.frame_shape = env_spec(envs)[0]
         self.last_search = None
-        self.reset(args.seed)
+        self.reset(seed)
 
     def reset(self, seed):
         E = self.envs.num_envs
@@ -1091,7 +1093,404 @@ class Learner:
 # ---------------------------------------------------------------------------------------------
 # 9. Processes: actor and reanalyze on GPU 0, DDP trainers on the other GPUs
 # ---------------------------------------------------------------------------------------------
-# (filled in by the process layout)
+# torch.multiprocessing (spawn). The launcher makes the shared state, starts the processes,
+# prints progress from the shared counters and tears everything down when one fails:
+#   actor       steps the envs with one batched search per step, writes the buffer, evaluates
+#   reanalyze   samples sequences and writes fresh search targets back (--reanalyze-workers)
+#   trainers    one DDP group; each samples its own --batch-size-per-worker sequences per update
+# The replay ratio is held across processes: trainers wait for env steps, and the actor waits
+# when training falls more than two actor steps behind, so results do not depend on which
+# part of the machine is faster. Trainers also wait for reanalyze to keep up with
+# --reanalyze-fraction. Under torchrun, each node runs this layout and all trainers of all
+# nodes form one DDP group (rendezvous on MASTER_PORT + 1).
+
+# Shared int64 counters and float64 statistics, by index.
+ENV_STEPS, UPDATES, SIMS, REANALYZED, VERSION, STOP, ACTOR_DONE, TRAINERS_DONE, START_STEPS, BASE_UPDATES = range(10)
+RETURN, EVAL_RETURN, LOSS, STALENESS = range(4)
+
+
+class Layout(NamedTuple):
+    actor: str
+    reanalyze: list
+    trainers: list
+    backend: str
+    node_rank: int = 0
+    num_nodes: int = 1
+    master: str = ""
+
+
+class AtariEnvFn:
+    """make_atari_env_fn as a picklable object, for spawned processes."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def __call__(self, num_envs):
+        return make_atari_env_fn(self.args)(num_envs)
+
+
+def layout_error(message):
+    sys.exit(f"muzero_nce.py: error: {message}")
+
+
+def plan_layout(args):
+    """Where each process runs, or None for the single process. Impossible requests are
+    one-line errors here, before anything starts."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = visible if args.num_gpus is None else args.num_gpus
+    if gpus > visible:
+        layout_error(f"--num-gpus {gpus} but this machine has {visible} GPU(s)")
+    if args.devices:
+        devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+        for d in devices:
+            if d != "cpu" and not (d.startswith("cuda:") and d[5:].isdigit()):
+                layout_error(f"--devices entry '{d}' is not cpu or cuda:N")
+            if d.startswith("cuda:") and int(d[5:]) >= visible:
+                layout_error(f"--devices entry '{d}' but this machine has {visible} GPU(s)")
+        trainers = len(devices) - 1 - args.reanalyze_workers
+        if trainers < 1 or (args.num_trainers is not None and args.num_trainers != trainers):
+            layout_error(f"--devices lists {len(devices)} devices; it needs 1 actor + {args.reanalyze_workers} "
+                         f"reanalyze + {args.num_trainers or 'at least 1'} trainer(s)")
+        actor, reanalyze, trainer_devices = devices[0], devices[1:1 + args.reanalyze_workers], devices[1 + args.reanalyze_workers:]
+    else:
+        gpu_0_train = args.gpu_0_train if args.gpu_0_train is not None else gpus <= 1
+        slots = [f"cuda:{i}" for i in range(0 if gpu_0_train else 1, gpus)] if gpus else []
+        trainers = args.num_trainers if args.num_trainers is not None else (len(slots) if gpus else 0)
+        if trainers == 0:
+            return None
+        if gpus and trainers > len(slots):
+            where = "GPUs 0.." if gpu_0_train else "GPUs 1.."
+            layout_error(f"--num-trainers {trainers} needs one GPU each but {where}{gpus - 1} give {len(slots)} "
+                         f"(use --gpu-0-train, fewer trainers, or --devices)")
+        actor = "cuda:0" if gpus else "cpu"
+        reanalyze = [actor] * args.reanalyze_workers
+        trainer_devices = slots[:trainers] if gpus else ["cpu"] * trainers
+    if args.reanalyze_fraction > 0 and args.num_simulations > 0 and not reanalyze:
+        layout_error("--reanalyze-fraction > 0 needs --reanalyze-workers >= 1 in the process layout")
+    distinct_gpus = all(d.startswith("cuda") for d in trainer_devices) and len(set(trainer_devices)) == len(trainer_devices)
+    layout = Layout(actor, reanalyze, trainer_devices, "nccl" if distinct_gpus else "gloo")
+    if "TORCHELASTIC_RUN_ID" in os.environ or "GROUP_RANK" in os.environ:  # launched by torchrun
+        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) != 1:
+            layout_error("under torchrun use --nproc-per-node 1: each node's process starts its own layout")
+        port = int(os.environ["MASTER_PORT"]) + 1
+        layout = layout._replace(node_rank=int(os.environ["RANK"]), num_nodes=int(os.environ["WORLD_SIZE"]),
+                                 master=f"tcp://{os.environ['MASTER_ADDR']}:{port}")
+    return layout
+
+
+class Shared:
+    """What the processes share, all in shared memory: the replay buffer, the published weights
+    with their version (the update they come from), counters and statistics."""
+
+    def __init__(self, ctx, args, frame_shape, stack, num_actions, weights):
+        self.buffer = ReplayBuffer(args.buffer_size, args.num_envs, frame_shape, num_actions, stack, args.jumps,
+                                   args.td_steps, args.priority_alpha).share_memory_()
+        self.weights = weights.share_memory()
+        self.counters = torch.zeros(10, dtype=torch.long).share_memory_()
+        self.stats = torch.full((4,), math.nan, dtype=torch.float64).share_memory_()
+        self.lock = ctx.Lock()
+        self.errors = ctx.SimpleQueue()
+
+    def add(self, index, amount):
+        with self.lock:
+            self.counters[index] += amount
+
+    def stopping(self):
+        return bool(self.counters[STOP])
+
+    def publish(self, net, updates):
+        with self.lock:
+            for shared, own in zip(self.weights.state_dict().values(), net.state_dict().values()):
+                shared.copy_(own)
+            self.counters[VERSION] = updates
+
+    def fetch(self, net, version):
+        """Load the published weights into `net` if newer than `version`; returns the version held."""
+        if int(self.counters[VERSION]) == version:
+            return version
+        with self.lock:
+            net.load_state_dict(self.weights.state_dict())
+            return int(self.counters[VERSION])
+
+
+def updates_allowed(env_steps, start_steps, base_updates, args):
+    """Updates the replay ratio allows after `env_steps`: none before the buffer is warm
+    (`start_steps`), then --train-steps-per-env-step for every env step including that one."""
+    if env_steps < start_steps:
+        return base_updates
+    return base_updates + int((env_steps - start_steps + args.num_envs) * args.train_steps_per_env_step + 1e-9)
+
+
+def wait_until(condition, shared, poll=0.002):
+    """Sleep-poll until `condition()` or the run is stopping; also ends if the launcher died
+    (no process is left behind). Returns True if the condition holds."""
+    parent = torch.multiprocessing.parent_process()
+    while not condition():
+        if shared.stopping() or (parent is not None and not parent.is_alive()):
+            return False
+        time.sleep(poll)
+    return True
+
+
+def process_entry(role, index, body, args, shared, *extra):
+    """Run one process's loop; any error stops the run and reaches the launcher with its traceback."""
+    import signal
+    import traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the launcher, which stops everyone in order
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (2 + args.reanalyze_workers + len(extra[0].trainers))))
+    try:
+        body(args, shared, index, *extra)
+    except BaseException:
+        shared.counters[STOP] = 1
+        shared.errors.put((f"{role} {index}", traceback.format_exc()))
+        sys.exit(1)
+
+
+def training_backlog(shared, args):
+    """Updates the replay ratio allows by now that the trainers have not done yet."""
+    c = shared.counters
+    return updates_allowed(int(c[ENV_STEPS]), int(c[START_STEPS]), int(c[BASE_UPDATES]), args) - int(c[UPDATES])
+
+
+def on_device(name):
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def actor_process(args, shared, index, layout):
+    device = on_device(layout.actor)
+    seed = args.seed + 1_000_003 * layout.node_rank  # every env of every node has its own seed
+    seed_everything(seed)
+    envs = AtariEnvFn(args)(args.num_envs)
+    acting = copy.deepcopy(shared.weights).to(device).eval()
+    version = shared.fetch(acting, -1)
+    actor = Actor(envs, shared.buffer, args, device, make_generator(device, seed + 2), seed)
+    progress = Progress(node_run_dir(args, layout))
+    counters, E = shared.counters, args.num_envs
+    max_backlog = 2 * E * args.train_steps_per_env_step + 1  # the actor runs at most two steps ahead of training
+    while int(counters[ENV_STEPS]) < args.total_env_steps:
+        if not wait_until(lambda: training_backlog(shared, args) <= max_backlog, shared):
+            break
+        version = shared.fetch(acting, version)
+        steps = int(counters[ENV_STEPS])
+        for episode_return, length in actor.step(acting, visit_temperature(steps / args.total_env_steps)):
+            progress.episode(episode_return, length, steps)
+        shared.add(SIMS, E * args.num_simulations)
+        counters[ENV_STEPS] = steps = steps + E
+        shared.stats[RETURN] = progress.recent_return()
+        shared.stats[STALENESS] = int(counters[UPDATES]) - version
+        if crossed(steps, E, args.log_interval):
+            progress.scalars({"charts/weights_staleness": int(counters[UPDATES]) - version, **search_stats(actor)}, steps)
+        if args.eval_interval and crossed(steps, E, args.eval_interval) and steps < args.total_env_steps:
+            run_evaluation(acting, AtariEnvFn(args), args, device, steps, progress, shared.stats)
+    counters[ACTOR_DONE] = 1
+    if wait_until(lambda: bool(counters[TRAINERS_DONE]), shared, poll=0.05):
+        shared.fetch(acting, -1)
+        run_evaluation(acting, AtariEnvFn(args), args, device, int(counters[ENV_STEPS]), progress, shared.stats)
+    progress.close()
+    envs.close()
+
+
+def reanalyze_process(args, shared, index, layout):
+    device = on_device(layout.reanalyze[index])
+    net = copy.deepcopy(shared.weights).to(device).eval()
+    version = shared.fetch(net, -1)
+    sampler = make_generator("cpu", args.seed + 7919 * (index + 1) + 1_000_003 * layout.node_rank)
+    sequences_per_update = args.batch_size_per_worker * len(layout.trainers)
+    buffer = shared.buffer
+    while not shared.stopping() and not shared.counters[TRAINERS_DONE]:
+        # keep one update ahead of what the trainers will need
+        wanted = args.reanalyze_fraction * (int(shared.counters[UPDATES]) + 2) * sequences_per_update
+        if int(shared.counters[REANALYZED]) >= wanted or not buffer.start_mask().any():
+            time.sleep(0.002)
+            continue
+        version = shared.fetch(net, version)
+        time_, env, _ = buffer.sample(args.batch_size_per_worker, 1.0, sampler)
+        sims = reanalyze(net, buffer, time_, env, args, device)
+        shared.add(REANALYZED, len(time_))
+        shared.add(SIMS, sims)
+
+
+def trainer_process(args, shared, index, layout):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    device = on_device(layout.trainers[index])
+    T = len(layout.trainers)
+    rank, world = layout.node_rank * T + index, layout.num_nodes * T
+    # torchrun tells its workers to join its own store; our group has a store of its own
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    dist.init_process_group(layout.backend, init_method=layout.master, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=10))
+    net = copy.deepcopy(shared.weights).to(device)
+    model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
+                                    find_unused_parameters=args.jumps == 0)
+    learner = Learner(net, args, device, model=model)
+    if args.resume:
+        learner.load_state_dict(load_checkpoint(args.resume))
+    sampler = make_generator("cpu", args.seed + 7907 * (rank + 1) + 12345)
+    buffer, counters, B, E = shared.buffer, shared.counters, args.batch_size_per_worker, args.num_envs
+    progress = Progress(node_run_dir(args, layout)) if rank == 0 else None
+    leader = index == 0  # each node's first trainer publishes weights and counts updates
+    run_dir, last_logged = node_run_dir(args, layout), int(counters[ENV_STEPS])
+    metrics = {}
+    allowed = lambda: updates_allowed(int(counters[ENV_STEPS]), int(counters[START_STEPS]), int(counters[BASE_UPDATES]), args)
+    while True:
+        wait_until(lambda: (allowed() > learner.updates and bool(buffer.start_mask().any())) or bool(counters[ACTOR_DONE]), shared)
+        wanted = args.reanalyze_fraction * learner.updates * B * T if layout.reanalyze else 0
+        wait_until(lambda: int(counters[REANALYZED]) >= wanted or bool(counters[ACTOR_DONE]), shared)
+        stop = shared.stopping() or allowed() <= learner.updates  # after the actor's last step: no credit left
+        # every trainer must take the same decision, or the others would wait in all_reduce forever
+        flag = torch.tensor([float(stop)], device=device if layout.backend == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            break
+        beta = args.priority_beta + (1 - args.priority_beta) * min(1.0, int(counters[ENV_STEPS]) / args.total_env_steps)
+        time_, env, weights = buffer.sample(B, beta, sampler)
+        seq = Sequences(*(x.to(device, non_blocking=True) for x in buffer.window(time_, env)))
+        metrics, priorities = learner.train_step(seq, time_, env, weights.to(device))
+        buffer.update_priorities(time_, env, priorities.cpu())
+        if leader:
+            counters[UPDATES] = learner.updates
+            if learner.updates % args.publish_interval == 0:
+                shared.publish(net, learner.updates)
+        if args.fault_after is not None and rank == world - 1 and learner.updates >= args.fault_after:
+            raise RuntimeError(f"fault injected by --fault-after {args.fault_after} at update {learner.updates}")
+        steps = int(counters[ENV_STEPS])
+        if rank == 0 and steps // args.log_interval > last_logged // args.log_interval:
+            shared.stats[LOSS] = float(metrics["losses/total"])
+            progress.scalars(metrics, steps)
+        if rank == 0 and steps // args.checkpoint_interval > last_logged // args.checkpoint_interval:
+            save_run(os.path.join(run_dir, "checkpoint.pt"), args, learner, shared.weights, counters_dict(counters), buffer)
+        last_logged = steps
+    if leader:
+        shared.publish(net, learner.updates)
+        counters[UPDATES] = learner.updates
+        counters[TRAINERS_DONE] = 1
+    if rank == 0:
+        if metrics:
+            shared.stats[LOSS] = float(metrics["losses/total"])
+        save_run(os.path.join(run_dir, "checkpoint.pt"), args, learner, shared.weights, counters_dict(counters), buffer)
+        progress.close()
+    dist.destroy_process_group()
+
+
+def counters_dict(counters):
+    return {"env_steps": int(counters[ENV_STEPS]), "start_steps": int(counters[START_STEPS]),
+            "base_updates": int(counters[BASE_UPDATES]), "sims": int(counters[SIMS])}
+
+
+def node_run_dir(args, layout):
+    return args.run_dir if layout.node_rank == 0 else os.path.join(args.run_dir, f"node{layout.node_rank}")
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, layout):
+    """Start the layout, report progress, and bring every process down when one fails or on Ctrl-C."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    args.run_dir = default_run_dir(args)
+    if not layout.master:
+        layout = layout._replace(master=f"tcp://127.0.0.1:{free_port()}")
+    probe = AtariEnvFn(args)(1)
+    frame_shape, stack, num_actions = env_spec(probe)
+    probe.close()
+    seed_everything(args.seed)
+    weights = MuZeroNet(frame_shape, stack, num_actions, args).eval()
+    shared = Shared(ctx, args, frame_shape, stack, num_actions, weights)
+    counters = {"env_steps": 0, "start_steps": args.learning_starts, "base_updates": 0, "sims": 0}
+    if args.resume:
+        state = load_checkpoint(args.resume)
+        weights.load_state_dict(state["acting"])
+        counters.update(state["counters"])
+        if "buffer" in state:
+            shared.buffer.load_state_dict(state["buffer"])
+            mark_cut_episodes(shared.buffer)
+        else:  # an empty buffer warms up again before training resumes
+            counters.update(start_steps=counters["env_steps"] + args.learning_starts, base_updates=state["updates"])
+        shared.counters[UPDATES] = shared.counters[VERSION] = state["updates"]
+    for name, index in (("env_steps", ENV_STEPS), ("start_steps", START_STEPS), ("base_updates", BASE_UPDATES), ("sims", SIMS)):
+        shared.counters[index] = counters[name]
+    log_protocol(args, frame_shape, stack, num_actions, f"actor {layout.actor}, reanalyze {layout.reanalyze}, "
+                 f"trainers {layout.trainers} ({layout.backend}), node {layout.node_rank + 1}/{layout.num_nodes}")
+    roles = [("actor", 0, actor_process)] + [("reanalyze", i, reanalyze_process) for i in range(len(layout.reanalyze))] \
+        + [("trainer", i, trainer_process) for i in range(len(layout.trainers))]
+    processes = []
+    for role, index, body in roles:
+        process = ctx.Process(target=process_entry, args=(role, index, body, args, shared, layout), name=f"{role} {index}")
+        process.start()
+        processes.append(process)
+    print("started " + ", ".join(f"{p.name} (pid {p.pid})" for p in processes), flush=True)
+    progress = Progress(args.run_dir, args)
+    progress.mark = (time.time(), int(shared.counters[ENV_STEPS]), int(shared.counters[SIMS]), int(shared.counters[UPDATES]))
+    last = int(shared.counters[ENV_STEPS])
+    try:
+        while any(p.is_alive() for p in processes):
+            failed = [p for p in processes if p.exitcode not in (None, 0)]
+            if failed or not shared.errors.empty():
+                time.sleep(0.5)  # let a raising worker's report arrive
+                report_failure(shared, failed)
+                shutdown(processes)
+                sys.exit(1)
+            steps = int(shared.counters[ENV_STEPS])
+            if steps // args.log_interval > last // args.log_interval:
+                print_progress(progress, shared, steps)
+            last = steps
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        print("interrupted: stopping all processes and saving a checkpoint", flush=True)
+        shared.counters[STOP] = 1
+        shutdown(processes, grace=60)
+        sys.exit(130)
+    failed = [p for p in processes if p.exitcode != 0]
+    if failed or not shared.errors.empty():
+        report_failure(shared, failed)
+        sys.exit(1)
+    print_progress(progress, shared, int(shared.counters[ENV_STEPS]))
+    return {"eval_return": float(shared.stats[EVAL_RETURN]), "env_steps": int(shared.counters[ENV_STEPS]),
+            "updates": int(shared.counters[UPDATES]), "run_dir": args.run_dir}
+
+
+def print_progress(progress, shared, steps):
+    stats = shared.stats
+    progress.returns = [] if math.isnan(stats[RETURN]) else [float(stats[RETURN])]
+    progress.eval_return = None if math.isnan(stats[EVAL_RETURN]) else float(stats[EVAL_RETURN])
+    progress.loss = None if math.isnan(stats[LOSS]) else float(stats[LOSS])
+    progress.line(steps, int(shared.counters[UPDATES]), int(shared.counters[SIMS]))
+
+
+def report_failure(shared, failed):
+    reports = []
+    while not shared.errors.empty():
+        reports.append(shared.errors.get())
+    for name, trace in reports:
+        print(f"muzero_nce.py: error in {name}:\n{trace}", file=sys.stderr, flush=True)
+    reported = {name for name, _ in reports}
+    for p in failed:
+        if p.name not in reported:
+            how = f"killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+            print(f"muzero_nce.py: error: {p.name} died ({how}); stopping the run", file=sys.stderr, flush=True)
+
+
+def shutdown(processes, grace=5.0):
+    """Give processes `grace` seconds to finish (they watch the STOP counter), then terminate and kill."""
+    deadline = time.time() + grace
+    for p in processes:
+        p.join(max(0.0, deadline - time.time()))
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(2)
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1100,10 +1499,11 @@ class Learner:
 class Progress:
     """Progress lines and tensorboard curves, both keyed by env steps (CleanRL's global_step)."""
 
-    def __init__(self, run_dir, args):
-        from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only main needs it
+    def __init__(self, run_dir, args=None):
+        from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only runs need it
         self.writer = SummaryWriter(run_dir)
-        self.writer.add_text("args", "\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+        if args is not None:
+            self.writer.add_text("args", "\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
         self.returns, self.eval_return, self.loss = [], None, None
         self.mark = (time.time(), 0, 0, 0)
 
@@ -1115,20 +1515,23 @@ class Progress:
         self.returns.append(episode_return)
         self.scalars({"charts/episode_return": episode_return, "charts/episode_length": length}, step)
 
-    def line(self, env_steps, updates, sims, extra=None):
+    def recent_return(self):
+        return float(np.mean(self.returns[-20:])) if self.returns else math.nan
+
+    def line(self, env_steps, updates, sims):
+        """Print `env 48,000 | 3,900 env/s | 190.0k sims/s | 14.0 upd/s | ...` and log the rates."""
         now = time.time()
         seconds = max(now - self.mark[0], 1e-9)
-        rates = [(x - m) / seconds for x, m in zip((env_steps, sims, updates), self.mark[1:])]
+        env_rate, sim_rate, update_rate = ((x - m) / seconds for x, m in zip((env_steps, sims, updates), self.mark[1:]))
         self.mark = (now, env_steps, sims, updates)
-        self.scalars({"charts/env_steps_per_s": rates[0], "charts/sims_per_s": rates[1],
-                      "charts/updates_per_s": rates[2], **(extra or {})}, env_steps)
-        recent = self.returns[-20:]
-        parts = [f"env {env_steps:,}", f"{rates[0]:,.0f} env/s", f"{rates[1] / 1000:,.1f}k sims/s",
-                 f"{rates[2]:,.1f} upd/s", f"upd {updates:,}",
-                 f"return {np.mean(recent):,.1f}" if recent else "return -",
-                 f"eval {self.eval_return:,.1f}" if self.eval_return is not None else "eval -",
-                 f"loss {self.loss:.3f}" if self.loss is not None else "loss -"]
-        print(" | ".join(parts), flush=True)
+        self.scalars({"charts/env_steps_per_s": env_rate, "charts/sims_per_s": sim_rate,
+                      "charts/updates_per_s": update_rate}, env_steps)
+        recent = self.recent_return()
+        print(" | ".join([f"env {env_steps:,}", f"{env_rate:,.0f} env/s", f"{sim_rate / 1000:,.1f}k sims/s",
+                          f"{update_rate:,.1f} upd/s", f"upd {updates:,}",
+                          "return -" if math.isnan(recent) else f"return {recent:,.1f}",
+                          "eval -" if self.eval_return is None else f"eval {self.eval_return:,.1f}",
+                          "loss -" if self.loss is None else f"loss {self.loss:.3f}"]), flush=True)
 
     def close(self):
         self.writer.close()
@@ -1139,7 +1542,7 @@ def default_run_dir(args):
 
 
 def crossed(value, step, interval):
-    """True when `value` passed a multiple of `interval` during its last increase of `step`."""
+    """True when `value` passed a multiple of `interval` during its last increase by `step`."""
     return value // interval > (value - step) // interval
 
 
@@ -1165,90 +1568,45 @@ def set_rng_state(state, generators):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def log_protocol(args, frame_shape, stack, num_actions, device):
-    print(f"game {args.game} | frames {frame_shape} x {stack} | {num_actions} actions | device {device} | "
-          f"evaluation: {args.eval_episodes} episodes, {args.eval_simulations} simulations, no noise, most-visited "
-          f"action, no-ops <= {args.noop_max}, sticky {args.sticky_actions}, cap {args.max_episode_frames:,} frames, "
-          f"no life loss; the final weights are scored", flush=True)
+def log_protocol(args, frame_shape, stack, num_actions, placement):
+    print(f"game {args.game} | frames {frame_shape} x {stack} | {num_actions} actions | {placement} | evaluation: "
+          f"{args.eval_episodes} episodes, {args.eval_simulations} simulations, no noise, most-visited action, "
+          f"<= {args.noop_max} no-ops, sticky {args.sticky_actions}, cap {args.max_episode_frames:,} frames, "
+          f"no life loss, final weights scored", flush=True)
 
 
-def train(args, env_fn=None):
-    """Single process (--num-trainers 0): act, reanalyze and train in turn, the replay ratio
-    held exactly. Deterministic on CPU under --seed. Returns a summary dict."""
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
-    env_fn = env_fn or make_atari_env_fn(args)
-    envs = env_fn(args.num_envs)
-    frame_shape, stack, num_actions = env_spec(envs)
-    net = MuZeroNet(frame_shape, stack, num_actions, args).to(device)
-    learner = Learner(net, args, device)
-    acting = copy.deepcopy(net).eval()  # the published weights: actor and reanalyze use these
-    buffer = ReplayBuffer(args.buffer_size, args.num_envs, frame_shape, num_actions, stack, args.jumps,
-                          args.td_steps, args.priority_alpha)
-    sampler = make_generator("cpu", args.seed + 1)
-    actor = Actor(envs, buffer, args, device, make_generator(device, args.seed + 2))
-    counters = {"env_steps": 0, "update_credit": 0.0, "sims": 0}
-    run_dir = default_run_dir(args)
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    if args.resume:
-        envs = resume(args.resume, learner, acting, counters, buffer, actor, [sampler, actor.generator], envs)
-    log_protocol(args, frame_shape, stack, num_actions, device)
-    progress = Progress(run_dir, args)
-    progress.mark = (time.time(), counters["env_steps"], counters["sims"], learner.updates)
-    E, B = args.num_envs, args.batch_size_per_worker
-    metrics = {}
+def search_stats(actor):
+    out = actor.last_search
+    if out is None:
+        return {}
+    p = out.policy.clamp_min(1e-12)
+    return {"search/root_value": out.root_value.mean(), "search/visit_entropy": -(p * p.log()).sum(-1).mean()}
 
-    def save(path):
-        state = {"args": vars(args), **learner.state_dict(), "acting": acting.state_dict(), "counters": dict(counters)}
-        if args.save_buffer:
-            state.update(buffer=buffer.state_dict(), actor=actor.state_dict(), rng=rng_state([sampler, actor.generator]),
-                         envs=picklable(envs))
-        save_checkpoint(path, state)
 
-    while counters["env_steps"] < args.total_env_steps:
-        progress_fraction = counters["env_steps"] / args.total_env_steps
-        for episode_return, length in actor.step(acting, visit_temperature(progress_fraction)):
-            progress.episode(episode_return, length, counters["env_steps"])
-        counters["env_steps"] += E
-        counters["sims"] += E * args.num_simulations
-        if buffer.steps * E >= args.learning_starts:  # (after a resume without the buffer, refill first)
-            counters["update_credit"] += E * args.train_steps_per_env_step
-        beta = args.priority_beta + (1 - args.priority_beta) * progress_fraction
-        while counters["update_credit"] >= 1:
-            counters["update_credit"] -= 1
-            time_, env, weights = buffer.sample(B, beta, sampler)
-            refresh = round(args.reanalyze_fraction * B)
-            if refresh and args.num_simulations:
-                counters["sims"] += reanalyze(acting, buffer, time_[:refresh], env[:refresh], args, device)
-            seq = Sequences(*(x.to(device) for x in buffer.window(time_, env)))
-            metrics, priorities = learner.train_step(seq, time_, env, weights.to(device))
-            buffer.update_priorities(time_, env, priorities.cpu())
-            if learner.updates % args.publish_interval == 0:
-                acting.load_state_dict(net.state_dict())
-        steps = counters["env_steps"]
-        final = steps >= args.total_env_steps
-        if (args.eval_interval and crossed(steps, E, args.eval_interval)) or final:
-            net.eval()
-            returns = evaluate(net, env_fn, args, device, seed=args.seed + 10_000 + steps)
-            progress.eval_return = float(returns.mean())
-            progress.scalars({"charts/eval_return": returns.mean(), "charts/eval_return_std": returns.std()}, steps)
-        if crossed(steps, E, args.log_interval) or final:
-            extra = {k: v for k, v in metrics.items()}
-            if metrics:
-                progress.loss = float(metrics["losses/total"])
-            if actor.last_search is not None:
-                out = actor.last_search
-                p = out.policy.clamp_min(1e-12)
-                extra.update({"search/root_value": out.root_value.mean(), "search/visit_entropy": -(p * p.log()).sum(-1).mean()})
-            progress.line(steps, learner.updates, counters["sims"], extra)
-        if crossed(steps, E, args.checkpoint_interval) or final:
-            save(checkpoint_path)
-            if args.keep_checkpoints and not final:
-                save(os.path.join(run_dir, f"checkpoint_{steps}.pt"))
-    progress.close()
-    envs.close()
-    return {"eval_return": progress.eval_return, "env_steps": counters["env_steps"], "updates": learner.updates,
-            "run_dir": run_dir, "net": net}
+def run_evaluation(net, env_fn, args, device, env_steps, progress, stats=None):
+    returns = evaluate(net, env_fn, args, device, seed=args.seed + 10_000_019 + env_steps)
+    progress.eval_return = float(returns.mean())
+    progress.scalars({"charts/eval_return": returns.mean(), "charts/eval_return_std": returns.std()}, env_steps)
+    if stats is not None:
+        stats[EVAL_RETURN] = float(returns.mean())
+    return returns
+
+
+def save_run(path, args, learner, acting, counters, buffer=None, exact=None):
+    """One checkpoint dict (nanoGPT): weights, target, optimiser, counters, args; with
+    --save-buffer also the buffer and, in the single process, what makes the resume exact."""
+    state = {"args": vars(args), **learner.state_dict(), "acting": acting.state_dict(), "counters": dict(counters)}
+    if args.save_buffer and buffer is not None:
+        state["buffer"] = buffer.state_dict()
+        state.update(exact or {})
+    save_checkpoint(path, state)
+
+
+def mark_cut_episodes(buffer):
+    """On a resume whose envs could not be saved, each env's last stored step ends its episode
+    like the frame cap would (truncated: it still bootstraps), and fresh episodes follow."""
+    if buffer.steps:
+        buffer.truncated[(buffer.steps - 1) % buffer.T] = True
 
 
 def picklable(envs):
@@ -1259,41 +1617,104 @@ def picklable(envs):
         return None
 
 
+def train(args, env_fn=None):
+    """Single process (--num-trainers 0): act, reanalyze and train in turn with the replay ratio
+    held exactly; deterministic on CPU under --seed. `env_fn(num_envs)` may replace the Atari
+    envs (section 3's contract). Returns a summary dict."""
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    env_fn = env_fn or make_atari_env_fn(args)
+    envs = env_fn(args.num_envs)
+    frame_shape, stack, num_actions = env_spec(envs)
+    net = MuZeroNet(frame_shape, stack, num_actions, args).to(device)
+    learner = Learner(net, args, device)
+    acting = copy.deepcopy(net).eval()  # the published weights, which the actor and reanalyze use
+    buffer = ReplayBuffer(args.buffer_size, args.num_envs, frame_shape, num_actions, stack, args.jumps,
+                          args.td_steps, args.priority_alpha)
+    sampler = make_generator("cpu", args.seed + 1)
+    actor = Actor(envs, buffer, args, device, make_generator(device, args.seed + 2), args.seed)
+    counters = {"env_steps": 0, "start_steps": args.learning_starts, "base_updates": 0, "sims": 0}
+    run_dir = default_run_dir(args)
+    if args.resume:
+        envs = resume(args.resume, learner, acting, counters, buffer, actor, [sampler, actor.generator], envs)
+    log_protocol(args, frame_shape, stack, num_actions, f"single process on {device}")
+    progress = Progress(run_dir, args)
+    progress.mark = (time.time(), counters["env_steps"], counters["sims"], learner.updates)
+    E, B = args.num_envs, args.batch_size_per_worker
+
+    def save(path):
+        exact = {"actor": actor.state_dict(), "rng": rng_state([sampler, actor.generator]), "envs": picklable(envs)}
+        save_run(path, args, learner, acting, counters, buffer, exact)
+
+    metrics = {}
+    while counters["env_steps"] < args.total_env_steps:
+        done = counters["env_steps"] / args.total_env_steps
+        for episode_return, length in actor.step(acting, visit_temperature(done)):
+            progress.episode(episode_return, length, counters["env_steps"])
+        counters["env_steps"] += E
+        counters["sims"] += E * args.num_simulations
+        beta = args.priority_beta + (1 - args.priority_beta) * done
+        while learner.updates < updates_allowed(counters["env_steps"], counters["start_steps"], counters["base_updates"], args):
+            time_, env, weights = buffer.sample(B, beta, sampler)
+            refresh = round(args.reanalyze_fraction * B)
+            if refresh and args.num_simulations:
+                counters["sims"] += reanalyze(acting, buffer, time_[:refresh], env[:refresh], args, device)
+            seq = Sequences(*(x.to(device) for x in buffer.window(time_, env)))
+            metrics, priorities = learner.train_step(seq, time_, env, weights.to(device))
+            buffer.update_priorities(time_, env, priorities.cpu())
+            if learner.updates % args.publish_interval == 0:
+                acting.load_state_dict(net.state_dict())
+        steps, final = counters["env_steps"], counters["env_steps"] >= args.total_env_steps
+        if (args.eval_interval and crossed(steps, E, args.eval_interval)) or final:
+            run_evaluation(net.eval(), env_fn, args, device, steps, progress)
+        if crossed(steps, E, args.log_interval) or final:
+            progress.loss = float(metrics["losses/total"]) if metrics else None
+            progress.scalars({**metrics, **search_stats(actor)}, steps)
+            progress.line(steps, learner.updates, counters["sims"])
+        if crossed(steps, E, args.checkpoint_interval) or final:
+            save(os.path.join(run_dir, "checkpoint.pt"))
+            if args.keep_checkpoints and not final:
+                save(os.path.join(run_dir, f"checkpoint_{steps}.pt"))
+    progress.close()
+    envs.close()
+    return {"eval_return": progress.eval_return, "env_steps": counters["env_steps"], "updates": learner.updates,
+            "run_dir": run_dir, "net": net}
+
+
 def resume(path, learner, acting, counters, buffer, actor, generators, envs):
-    """Restore a checkpoint into a fresh run. With a saved buffer and picklable envs the run
-    continues exactly; with C++ envs the running episodes are cut (marked truncated, so they
-    still bootstrap) and fresh ones start; without a buffer it refills before training again."""
+    """Restore a checkpoint into a fresh single-process run. With a saved buffer and picklable
+    envs the run continues exactly; with C++ envs the running episodes are cut and fresh ones
+    start; without a buffer, it warms up again before training resumes."""
     state = load_checkpoint(path)
     learner.load_state_dict(state)
     acting.load_state_dict(state["acting"])
     counters.update(state["counters"])
-    seed = learner.args.seed + counters["env_steps"]
-    if "buffer" in state:
-        buffer.load_state_dict(state["buffer"])
-        set_rng_state(state["rng"], generators)
-        if state.get("envs") is not None:
-            envs.close()
-            envs = actor.envs = pickle.loads(state["envs"])
-            actor.load_state_dict(state["actor"])
-            return envs
-        if buffer.steps:
-            buffer.truncated[(buffer.steps - 1) % buffer.T] = True
-    else:
-        counters["update_credit"] = 0.0
-    actor.reset(seed)
+    if "buffer" not in state:
+        counters.update(start_steps=counters["env_steps"] + learner.args.learning_starts, base_updates=learner.updates)
+        actor.reset(learner.args.seed + counters["env_steps"])
+        return envs
+    buffer.load_state_dict(state["buffer"])
+    set_rng_state(state["rng"], generators)
+    if state.get("envs") is None:
+        mark_cut_episodes(buffer)
+        actor.reset(learner.args.seed + counters["env_steps"])
+        return envs
+    envs.close()
+    envs = actor.envs = pickle.loads(state["envs"])
+    actor.load_state_dict(state["actor"])
     return envs
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.game and args.resume is None:
-        pass
+    layout = plan_layout(args)
     try:
-        train(args)
+        if layout is None:
+            train(args)
+        else:
+            launch(args, layout)
     except NonFiniteError as error:
         sys.exit(f"muzero_nce.py: error: {error}; the last checkpoint is untouched")
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 if __name__ == "__main__":
