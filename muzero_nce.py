@@ -79,9 +79,8 @@ def non_negative_float(text):
     return value
 
 
-def build_parser(argument_default=None):
-    p = OneLineParser(prog="muzero_nce.py", argument_default=argument_default,
-                      description="MuZero + InfoNCE on Atari (defaults: EfficientZero's Atari-100k).")
+def build_parser():
+    p = OneLineParser(prog="muzero_nce.py", description="MuZero + InfoNCE on Atari (defaults: EfficientZero's Atari-100k).")
     g = p.add_argument_group("environment")
     g.add_argument("--game", default="ms_pacman", help="ALE ROM id in snake_case, e.g. ms_pacman, breakout")
     g.add_argument("--grayscale", action="store_true", help="one channel per frame instead of RGB")
@@ -178,8 +177,10 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if args.resume:
         saved = load_checkpoint(args.resume)["args"]
-        given = vars(build_parser(argparse.SUPPRESS).parse_args(argv))
-        args = argparse.Namespace(**{**saved, **given})
+        parser = build_parser()
+        for action in parser._actions:  # parse again, keeping only the flags actually given
+            action.default = argparse.SUPPRESS
+        args = argparse.Namespace(**{**saved, **vars(parser.parse_args(argv))})
     check_args(args)
     return args
 
@@ -709,7 +710,7 @@ class ReplayBuffer:
     and reanalyze and read by trainers in other processes (section 9)."""
 
     FIELDS = ("frames", "action", "reward", "terminal", "truncated", "episode_step", "policy",
-              "root_value", "network_value", "priority")
+              "root_value", "network_value", "priority", "reanalyzed")
 
     def __init__(self, capacity, num_envs, frame_shape, num_actions, stack, unroll_steps, td_steps,
                  priority_alpha=0.6):
@@ -725,6 +726,7 @@ class ReplayBuffer:
         self.root_value = torch.zeros(T, E)
         self.network_value = torch.zeros(T, E)
         self.priority = torch.zeros(T, E)
+        self.reanalyzed = torch.zeros(T, E, dtype=torch.int32)  # times reanalyze refreshed the row
         self.counters = torch.tensor([0.0, 1.0], dtype=torch.float64)  # steps written per env, max priority
 
     @property
@@ -744,6 +746,7 @@ class ReplayBuffer:
                             ("root_value", root_value), ("network_value", network_value)):
             getattr(self, name)[row] = value
         self.priority[row] = self.counters[1]
+        self.reanalyzed[row] = 0
         self.counters[0] += 1  # last: in shared memory this publishes the row to readers
 
     def times(self, steps=None):
@@ -787,6 +790,7 @@ class ReplayBuffer:
         self.policy[rows, env] = policy[keep]
         self.root_value[rows, env] = root_value[keep]
         self.network_value[rows, env] = network_value[keep]
+        self.reanalyzed[rows, env] += 1
 
     def update_priorities(self, time, env, priority):
         bad = ~torch.isfinite(priority) | (priority <= 0)
@@ -1335,6 +1339,7 @@ def trainer_process(args, shared, index, layout):
     leader = index == 0  # each node's first trainer publishes weights and counts updates
     run_dir, last_logged = node_run_dir(args, layout), int(counters[ENV_STEPS])
     metrics = {}
+    collective_device = device if layout.backend == "nccl" else torch.device("cpu")
     allowed = lambda: updates_allowed(int(counters[ENV_STEPS]), int(counters[START_STEPS]), int(counters[BASE_UPDATES]), args)
     while True:
         wait_until(lambda: (allowed() > learner.updates and bool(buffer.start_mask().any())) or bool(counters[ACTOR_DONE]), shared)
@@ -1342,7 +1347,7 @@ def trainer_process(args, shared, index, layout):
         wait_until(lambda: int(counters[REANALYZED]) >= wanted or bool(counters[ACTOR_DONE]), shared)
         stop = shared.stopping() or allowed() <= learner.updates  # after the actor's last step: no credit left
         # every trainer must take the same decision, or the others would wait in all_reduce forever
-        flag = torch.tensor([float(stop)], device=device if layout.backend == "nccl" else "cpu")
+        flag = torch.tensor([float(stop)], device=collective_device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
             break
@@ -1368,17 +1373,23 @@ def trainer_process(args, shared, index, layout):
         shared.publish(net, learner.updates)
         counters[UPDATES] = learner.updates
         counters[TRAINERS_DONE] = 1
+    # DDP keeps the replicas equal; check it, and keep the evidence in the final checkpoint
+    checksum = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum().reshape(1).to(collective_device)
+    checksums = [torch.zeros_like(checksum) for _ in range(world)]
+    dist.all_gather(checksums, checksum)
     if rank == 0:
         if metrics:
             shared.stats[LOSS] = float(metrics["losses/total"])
-        save_run(os.path.join(run_dir, "checkpoint.pt"), args, learner, shared.weights, counters_dict(counters), buffer)
+        save_run(os.path.join(run_dir, "checkpoint.pt"), args, learner, shared.weights,
+                 {**counters_dict(counters), "replica_checksums": [float(c) for c in checksums]}, buffer)
         progress.close()
     dist.destroy_process_group()
 
 
 def counters_dict(counters):
     return {"env_steps": int(counters[ENV_STEPS]), "start_steps": int(counters[START_STEPS]),
-            "base_updates": int(counters[BASE_UPDATES]), "sims": int(counters[SIMS])}
+            "base_updates": int(counters[BASE_UPDATES]), "sims": int(counters[SIMS]),
+            "reanalyzed_sequences": int(counters[REANALYZED])}
 
 
 def node_run_dir(args, layout):
