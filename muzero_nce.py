@@ -526,10 +526,12 @@ PRIOR, VISITS, VALUE_SUM, REWARD = range(4)
 
 @dataclass
 class Tree:
+    """B trees of N nodes. Nodes are addressed by flat row b * N + i, so one index reaches
+    a node of any tree in every [B, N, ...] tensor viewed as [B * N, ...]."""
     nodes: Tensor       # [B, N, 4]    each node's own statistics (those of the edge into it)
     edges: Tensor       # [B, N, 4, A] the same statistics for each action's child
-    children: Tensor    # [B, N, A]    child node index, -1 while the action is unexpanded
-    embedding: Tensor   # [N, B, ...]  the model's latent at each node
+    children: Tensor    # [B, N, A]    the child's flat row, -1 while the action is unexpanded
+    embedding: Tensor   # [B, N, ...]  the model's latent at each node
     bounds: Tensor      # [B, 2]       min and max Q seen in each tree
 
 
@@ -541,10 +543,10 @@ def init_tree(prior, value, embedding, num_nodes):
     edges = prior.new_zeros(B, num_nodes, 4, A)
     edges[:, 0, PRIOR] = prior
     children = torch.full((B, num_nodes, A), -1, dtype=torch.long, device=prior.device)
-    nodes_embedding = embedding.new_zeros((num_nodes,) + tuple(embedding.shape))
-    nodes_embedding[0] = embedding
+    embeddings = embedding.new_zeros((B, num_nodes) + tuple(embedding.shape[1:]))
+    embeddings[:, 0] = embedding
     bounds = torch.tensor([math.inf, -math.inf], device=prior.device).repeat(B, 1)
-    return Tree(nodes, edges, children, nodes_embedding, bounds)
+    return Tree(nodes, edges, children, embeddings, bounds)
 
 
 def q_normaliser(bounds):
@@ -557,51 +559,57 @@ def q_normaliser(bounds):
     return scale, torch.where(seen, -bounds[:, :1] * scale, 0.0)
 
 
-def puct_scores(tree, rows, discount, c1, c2, scale, shift):
-    """MuZero's pUCT score [B, A] of every action at the nodes `rows` (flat: b * N + node)."""
+def exploration_table(num_nodes, c1, c2, device):
+    """MuZero's exploration factor (c1 + log((N + c2 + 1) / c2)) sqrt(N) for every visit
+    count N a node can reach in this search, looked up instead of recomputed at each level."""
+    n = torch.arange(num_nodes + 1, device=device, dtype=torch.float32)
+    return (c1 + torch.log((n + c2 + 1) / c2)) * n.sqrt()
+
+
+def puct_scores(tree, rows, discount, explore, scale, shift):
+    """MuZero's pUCT score [B, A] of every action at the nodes `rows` [B]:
+    normalised Q + exploration factor(N_parent) * prior / (1 + N_child)."""
     B, N, _, A = tree.edges.shape
     prior, n, value_sum, reward = tree.edges.view(B * N, 4, A).index_select(0, rows).unbind(1)  # [B, A] each
     parent = tree.nodes.view(B * N, 4).index_select(0, rows)                                   # [B, 4]
-    n_parent = parent[:, VISITS, None]                                                          # [B, 1]
     # An unvisited action borrows its parent's mean value (EfficientZero, mctx); MuZero's
     # pseudocode uses 0, which ranks every unexplored action below all explored ones.
-    q = torch.where(n > 0, reward + discount * value_sum / n.clamp(min=1), parent[:, VALUE_SUM, None] / n_parent)
-    c = (c1 + torch.log((n_parent + c2 + 1) / c2)) * n_parent.sqrt()
-    return torch.addcmul(shift, q, scale).clamp(0, 1) + c * prior / (1 + n)
+    parent_value = (parent[:, VALUE_SUM] / parent[:, VISITS])[:, None]
+    q = torch.where(n > 0, torch.addcdiv(reward, value_sum, n.clamp(min=1), value=discount), parent_value)
+    c = explore.index_select(0, parent[:, VISITS].long())[:, None]                             # [B, 1]
+    return torch.addcdiv(torch.addcmul(shift, q, scale).clamp_(0, 1), c * prior, n + 1)
 
 
-def select(tree, discount, c1, c2):
-    """Walk down all trees by pUCT until the chosen action is unexpanded. Returns the path
-    [B, D] (flat node rows; entries past a tree's depth repeat its last node), the actions
-    taken along it [B, D], and each path's depth [B]; the leaf's action is actions[depth]."""
-    B, N, A = tree.children.shape
-    rows = torch.arange(B, device=tree.children.device) * N
-    active = torch.ones(B, dtype=torch.bool, device=rows.device)
-    depth = torch.zeros_like(rows)
+def select(tree, roots, discount, explore):
+    """Walk down all trees from their roots [B] by pUCT until the chosen action is unexpanded.
+    Returns the path [B, D] (node rows; past a tree's depth, its last node repeats), the
+    actions taken along it [B, D] (past the depth, the leaf's action repeats), and the depth [B]."""
     scale, shift = q_normaliser(tree.bounds)
-    children = tree.children.view(B * N, A)
-    path, actions = [], []
-    while True:  # one host sync per level: cheaper than walking the deepest tree's depth every time
-        action = puct_scores(tree, rows, discount, c1, c2, scale, shift).argmax(1)  # ties: lowest index
+    children = tree.children.view(-1)
+    A = tree.children.shape[-1]
+    rows, active, path, actions, descended = roots, None, [], [], []
+    while True:  # one host sync per level, to stop at the deepest path of this simulation
+        action = puct_scores(tree, rows, discount, explore, scale, shift).argmax(1)  # ties: lowest index
         path.append(rows)
         actions.append(action)
-        child = children.index_select(0, rows).gather(1, action[:, None]).squeeze(1)
-        active = active & (child >= 0)
+        child = children.index_select(0, rows * A + action)
+        active = child >= 0 if active is None else active & (child >= 0)
         if not active.any():
+            depth = torch.stack(descended, 1).sum(1) if descended else torch.zeros_like(rows)
             return torch.stack(path, 1), torch.stack(actions, 1), depth
-        rows = torch.where(active, rows - rows % N + child, rows)
-        depth = depth + active
+        descended.append(active)
+        rows = torch.where(active, child, rows)
 
 
 def expand(tree, sim, leaf, action, reward, logits, embedding):
-    """Make node `sim` of every tree the child of `leaf` (flat rows [B]) through `action`."""
+    """Make node `sim` of every tree the child of the node rows `leaf` [B] through `action`."""
     B, N, _, A = tree.edges.shape
-    tree.children.view(-1)[leaf * A + action] = sim
+    tree.children.view(-1)[leaf * A + action] = leaf - leaf % N + sim
     tree.edges.view(-1)[leaf * 4 * A + REWARD * A + action] = reward
     tree.nodes[:, sim, REWARD] = reward
     tree.nodes[:, sim, PRIOR] = tree.edges.view(-1)[leaf * 4 * A + PRIOR * A + action]
     tree.edges[:, sim, PRIOR] = torch.softmax(logits.float(), -1)
-    tree.embedding[sim] = embedding
+    tree.embedding[:, sim] = embedding
 
 
 def discount_matrix(size, discount, device):
@@ -611,17 +619,16 @@ def discount_matrix(size, discount, device):
     return torch.where(power >= 0, discount ** power.clamp(min=0), 0.0)
 
 
-def backup(tree, path, actions, depth, sim, value, discount, discounts):
-    """Add the new leaf's value, discounted back through the rewards, to every node on its
-    path and to the edges between them; widen each tree's Q bounds."""
+def backup(tree, path, actions, depth, new_rows, value, discount, discounts):
+    """Add the value of the new leaves `new_rows` [B], discounted back through the rewards, to
+    every node on their paths and to the edges between them; widen each tree's Q bounds."""
     B, N, _, A = tree.edges.shape
     D = path.shape[1]
     position = torch.arange(D + 1, device=path.device)
-    leaf_depth = depth[:, None] + 1                                              # the new node, [B, 1]
+    leaf_depth = depth[:, None] + 1                                              # [B, 1]
     on_path = position <= leaf_depth                                             # [B, D+1]
-    leaf_row = torch.arange(B, device=path.device)[:, None] * N + sim
     rows = torch.cat([path, path[:, :1]], 1)
-    rows = torch.where(position == leaf_depth, leaf_row, torch.where(on_path, rows, rows[:, :1]))
+    rows = torch.where(position == leaf_depth, new_rows[:, None], torch.where(on_path, rows, rows[:, :1]))
     nodes = tree.nodes.view(B * N, 4)
     rewards = nodes[:, REWARD].index_select(0, rows.view(-1)).view(B, D + 1) * on_path
     # the return seen from depth d: sum_{m>d} discount^(m-d-1) r_m + discount^(L-d) v, all d at once
@@ -672,15 +679,15 @@ def search(root_logits, root_value, root_embedding, recurrent_fn, num_simulation
     N = num_simulations + 1
     tree = init_tree(prior, root_value, root_embedding, N)
     discounts = discount_matrix(N + 1, discount, prior.device)
-    batch = torch.arange(B, device=prior.device)
-    embeddings = tree.embedding.view((N * B,) + tree.embedding.shape[2:])
+    explore = exploration_table(N, c1, c2, prior.device)
+    roots = torch.arange(B, device=prior.device) * N                             # node rows of the roots
+    embeddings = tree.embedding.view((B * N,) + tree.embedding.shape[2:])
     for sim in range(1, N):
-        path, actions, depth = select(tree, discount, c1, c2)
-        leaf = path.gather(1, depth[:, None]).squeeze(1)                         # flat rows [B]
-        action = actions.gather(1, depth[:, None]).squeeze(1)
-        reward, value, logits, embedding = recurrent_fn(embeddings.index_select(0, leaf % N * B + batch), action)
+        path, actions, depth = select(tree, roots, discount, explore)
+        leaf, action = path[:, -1], actions[:, -1]                               # [B] each
+        reward, value, logits, embedding = recurrent_fn(embeddings.index_select(0, leaf), action)
         expand(tree, sim, leaf, action, reward.float(), logits, embedding)
-        backup(tree, path, actions, depth, sim, value.float(), discount, discounts)
+        backup(tree, path, actions, depth, roots + sim, value.float(), discount, discounts)
     visit_counts = tree.edges[:, 0, VISITS]
     root_value = tree.nodes[:, 0, VALUE_SUM] / tree.nodes[:, 0, VISITS]
     return SearchOutput(visit_counts, visit_counts / visit_counts.sum(-1, keepdim=True), root_value,
