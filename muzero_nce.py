@@ -517,6 +517,7 @@ class SearchOutput(NamedTuple):
     policy: Tensor        # [B, A] visit counts normalised: the policy target
     root_value: Tensor    # [B]    mean of all values backed up through the root
     action: Tensor        # [B]    the action to play
+    tree: "Tree" = None   # the searched trees, for inspection (None with 0 simulations)
 
 
 # The statistics of an edge (action a at a node) are those of the child it leads to. They are
@@ -691,7 +692,7 @@ def search(root_logits, root_value, root_embedding, recurrent_fn, num_simulation
     visit_counts = tree.edges[:, 0, VISITS]
     root_value = tree.nodes[:, 0, VALUE_SUM] / tree.nodes[:, 0, VISITS]
     return SearchOutput(visit_counts, visit_counts / visit_counts.sum(-1, keepdim=True), root_value,
-                        select_action(visit_counts, temperature, generator))
+                        select_action(visit_counts, temperature, generator), tree)
 
 
 # ---------------------------------------------------------------------------------------------
