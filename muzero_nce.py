@@ -1009,13 +1009,16 @@ REANALYZE_CHUNK = 2048  # trees searched at once; bounds the memory of the nodes
 
 
 @torch.no_grad()
-def reanalyze(net, buffer, time, env, args, device):
+def reanalyze(net, buffer, time, env, args, device, generator=None):
     """Search again, with recent weights, at rows t..t+K+n of each sequence (its policy-target
     and bootstrap rows) and write the fresh search policy, root value and network value back
-    (MuZero Reanalyze; EfficientZero refreshes every target). Returns the simulations run."""
+    (MuZero Reanalyze; EfficientZero refreshes every target). The search is the actor's, root
+    noise included, as in EfficientZero: noise-free targets sharpen the policy onto the
+    network's current favourite and starve exploration. Returns the simulations run."""
     seq = buffer.window(time, env)
     obs = stack_observations(seq.frames, seq.episode_step, buffer.stack).flatten(0, 1)   # [B*(K+n+1), S*C, H, W]
-    results = [run_search(net, chunk.to(device), args, args.num_simulations) for chunk in obs.split(REANALYZE_CHUNK)]
+    results = [run_search(net, chunk.to(device), args, args.num_simulations, noise=True, generator=generator)
+               for chunk in obs.split(REANALYZE_CHUNK)]
     policy = torch.cat([out.policy for out, _ in results]).cpu()
     root_value = torch.cat([out.root_value for out, _ in results]).cpu()
     value = torch.cat([v for _, v in results]).cpu()
@@ -1309,7 +1312,8 @@ def reanalyze_process(args, shared, index, layout):
     device = on_device(layout.reanalyze[index])
     net = copy.deepcopy(shared.weights).to(device).eval()
     version = shared.fetch(net, -1)
-    sampler = make_generator("cpu", args.seed + 7919 * (index + 1) + 1_000_003 * layout.node_rank)
+    seed = args.seed + 7919 * (index + 1) + 1_000_003 * layout.node_rank
+    sampler, noise = make_generator("cpu", seed), make_generator(device, seed + 1)
     sequences_per_update = args.batch_size_per_worker * len(layout.trainers)
     buffer = shared.buffer
     while not shared.stopping() and not shared.counters[TRAINERS_DONE]:
@@ -1320,7 +1324,7 @@ def reanalyze_process(args, shared, index, layout):
             continue
         version = shared.fetch(net, version)
         time_, env, _ = buffer.sample(args.batch_size_per_worker, 1.0, sampler)
-        sims = reanalyze(net, buffer, time_, env, args, device)
+        sims = reanalyze(net, buffer, time_, env, args, device, noise)
         shared.add(REANALYZED, len(time_))
         shared.add(SIMS, sims)
 
@@ -1650,19 +1654,19 @@ def train(args, env_fn=None):
     acting = copy.deepcopy(net).eval()  # the published weights, which the actor and reanalyze use
     buffer = ReplayBuffer(args.buffer_size, args.num_envs, frame_shape, num_actions, stack, args.jumps,
                           args.td_steps, args.priority_alpha)
-    sampler = make_generator("cpu", args.seed + 1)
+    sampler, noise = make_generator("cpu", args.seed + 1), make_generator(device, args.seed + 3)
     actor = Actor(envs, buffer, args, device, make_generator(device, args.seed + 2), args.seed)
     counters = {"env_steps": 0, "start_steps": args.learning_starts, "base_updates": 0, "sims": 0}
     run_dir = default_run_dir(args)
     if args.resume:
-        envs = resume(args.resume, learner, acting, counters, buffer, actor, [sampler, actor.generator], envs)
+        envs = resume(args.resume, learner, acting, counters, buffer, actor, [sampler, actor.generator, noise], envs)
     log_protocol(args, frame_shape, stack, num_actions, f"single process on {device}")
     progress = Progress(run_dir, args)
     progress.mark = (time.time(), counters["env_steps"], counters["sims"], learner.updates)
     E, B = args.num_envs, args.batch_size_per_worker
 
     def save(path):
-        exact = {"actor": actor.state_dict(), "rng": rng_state([sampler, actor.generator]), "envs": picklable(envs)}
+        exact = {"actor": actor.state_dict(), "rng": rng_state([sampler, actor.generator, noise]), "envs": picklable(envs)}
         save_run(path, args, learner, acting, counters, buffer, exact)
 
     metrics = {}
@@ -1677,7 +1681,7 @@ def train(args, env_fn=None):
             time_, env, weights = buffer.sample(B, beta, sampler)
             refresh = round(args.reanalyze_fraction * B)
             if refresh and args.num_simulations:
-                counters["sims"] += reanalyze(acting, buffer, time_[:refresh], env[:refresh], args, device)
+                counters["sims"] += reanalyze(acting, buffer, time_[:refresh], env[:refresh], args, device, noise)
             seq = Sequences(*(x.to(device) for x in buffer.window(time_, env)))
             metrics, priorities = learner.train_step(seq, time_, env, weights.to(device))
             buffer.update_priorities(time_, env, priorities.cpu())
