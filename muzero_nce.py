@@ -1153,6 +1153,8 @@ def plan_layout(args):
     one-line errors here, before anything starts."""
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     gpus = visible if args.num_gpus is None else args.num_gpus
+    if args.device == "cpu" and args.num_gpus is None:
+        gpus = 0  # --device cpu: no GPU, whatever the machine has
     if gpus > visible:
         layout_error(f"--num-gpus {gpus} but this machine has {visible} GPU(s)")
     if args.devices:
@@ -1252,6 +1254,7 @@ def process_entry(role, index, body, args, shared, *extra):
     import signal
     import traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the launcher, which stops everyone in order
+    torch.set_float32_matmul_precision("high")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // (2 + args.reanalyze_workers + len(extra[0].trainers))))
     try:
         body(args, shared, index, *extra)
@@ -1731,6 +1734,7 @@ def resume(path, learner, acting, counters, buffer, actor, generators, envs):
 def main(argv=None):
     args = parse_args(argv)
     layout = plan_layout(args)
+    torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it; no effect on CPU
     try:
         if layout is None:
             train(args)
