@@ -197,3 +197,30 @@ def test_sigint_stops_everything_and_checkpoints(tmp_path):
     assert state["updates"] > 0
     time.sleep(0.5)
     assert not [name for name, pid in pids.items() if alive(pid)]
+
+
+# --- exact resume ---------------------------------------------------------------------------
+def test_resume_repeats_an_uninterrupted_run(tmp_path):
+    """2N updates straight vs N, a checkpoint with --save-buffer, a new process, N more: the
+    same parameters, bit for bit (CPU, picklable envs)."""
+    flags = ["--device", "cpu", "--seed", "3", "--num-envs", "4", "--channels", "8", "--reduced-channels", "4",
+             "--head-hidden", "8", "--support-size", "5", "--proj-hidden", "16", "--proj-dim", "16",
+             "--pred-hidden", "8", "--num-simulations", "4", "--eval-simulations", "2", "--eval-episodes", "2",
+             "--batch-size-per-worker", "8", "--buffer-size", "200", "--learning-starts", "64", "--jumps", "3", "--td-steps", "2",
+             "--total-env-steps", "160", "--checkpoint-interval", "96", "--eval-interval", "0",
+             "--reanalyze-fraction", "0.5", "--publish-interval", "7", "--target-update-interval", "5",
+             "--save-buffer", "--keep-checkpoints"]
+    code = "import sys, test_learning as t, muzero_nce as m; m.train(m.parse_args(sys.argv[1:]), t.env_fn)"
+    run = lambda *extra: subprocess.run([PYTHON, "-c", code, *flags, *extra], cwd=REPO, capture_output=True,
+                                        text=True, timeout=240, env=ENV)
+    straight = run("--run-dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+    middle = tmp_path / "straight" / "checkpoint_96.pt"
+    resumed = run("--resume", str(middle), "--run-dir", str(tmp_path / "resumed"))
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert 0 < torch.load(middle, weights_only=False)["updates"] < a["updates"] == b["updates"]
+    for name in a["net"]:
+        assert torch.equal(a["net"][name], b["net"][name]), name
+    assert torch.equal(a["buffer"]["priority"], b["buffer"]["priority"])
