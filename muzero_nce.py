@@ -238,7 +238,8 @@ def h_inverse(y):
 
 def scalar_to_support(x, support_size):
     """Scalars [...] -> two-hot distributions [..., 2n+1] over the integers -n..n of h(x)."""
-    y = h(x).clamp(-support_size, support_size)
+    finite = torch.isfinite(x)
+    y = h(torch.where(finite, x, 0.0)).clamp(-support_size, support_size)
     low = y.floor()
     upper_weight = y - low
     probs = x.new_zeros(x.shape + (2 * support_size + 1,))
@@ -246,7 +247,8 @@ def scalar_to_support(x, support_size):
     probs.scatter_(-1, index[..., None], (1 - upper_weight)[..., None])
     # y = n lands on the last atom with upper_weight 0; clamp keeps its (zero) neighbour in range
     probs.scatter_add_(-1, (index + 1).clamp(max=2 * support_size)[..., None], upper_weight[..., None])
-    return probs
+    # a NaN or infinite target becomes a NaN distribution, so the loss check names it
+    return torch.where(finite[..., None], probs, math.nan)
 
 
 def support_to_scalar(logits, support_size):
@@ -1075,7 +1077,7 @@ class Learner:
         terms, priorities, metrics = muzero_losses(outputs, targets, projections, same_episode, args, self.net.support_size)
         losses = {name: (term * weights).mean() for name, term in terms.items()}
         loss = sum(self.loss_weights[name] * value for name, value in losses.items())
-        values = torch.stack([loss, *losses.values()])
+        values = torch.stack([loss, *losses.values()]).detach()
         if not torch.isfinite(values).all():
             detail = ", ".join(f"{name}={float(v):.4g}" for name, v in zip(["total", *losses], values))
             raise NonFiniteError(f"non-finite loss at update {self.updates + 1} ({detail})")

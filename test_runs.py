@@ -1,3 +1,4 @@
+import math
 import os
 import re
 import signal
@@ -224,3 +225,47 @@ def test_resume_repeats_an_uninterrupted_run(tmp_path):
     for name in a["net"]:
         assert torch.equal(a["net"][name], b["net"][name]), name
     assert torch.equal(a["buffer"]["priority"], b["buffer"]["priority"])
+
+
+# --- failing safely -------------------------------------------------------------------------
+def test_non_finite_loss_names_the_update_and_term(tmp_path, monkeypatch):
+    """NaN rewards make the value and reward losses NaN: the update raises with the step and the
+    term before touching the weights; main turns it into a one-line exit; the checkpoint
+    written before is untouched and loadable."""
+    import test_learning
+    args = muzero_nce.parse_args(["--device", "cpu", "--num-envs", "4", "--channels", "8", "--support-size", "5",
+                                  "--proj-hidden", "16", "--proj-dim", "16", "--pred-hidden", "8", "--num-simulations",
+                                  "2", "--batch-size-per-worker", "8", "--buffer-size", "400", "--learning-starts", "64",
+                                  "--jumps", "3", "--td-steps", "2", "--total-env-steps", "96", "--checkpoint-interval",
+                                  "64", "--eval-interval", "0", "--eval-episodes", "1", "--run-dir", str(tmp_path)])
+    real_add = muzero_nce.ReplayBuffer.add
+
+    def add(self, frame, reward, *rest):  # from env step 80 on, rewards are NaN
+        return real_add(self, frame, reward * math.nan if self.steps * 4 >= 80 else reward, *rest)
+
+    monkeypatch.setattr(muzero_nce.ReplayBuffer, "add", add)
+    before = None
+    with pytest.raises(muzero_nce.NonFiniteError, match=r"non-finite loss at update \d+ \(total=nan, .*(value|reward)=nan"):
+        try:
+            muzero_nce.train(args, test_learning.env_fn)
+        finally:
+            before = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert before["counters"]["env_steps"] == 64 and before["updates"] > 0
+    monkeypatch.setattr(muzero_nce, "train", lambda args: (_ for _ in ()).throw(muzero_nce.NonFiniteError("boom at update 3")))
+    with pytest.raises(SystemExit, match=r"^muzero_nce.py: error: boom at update 3; the last checkpoint is untouched$"):
+        muzero_nce.main(["--device", "cpu"])
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    muzero_nce.save_checkpoint(str(path), {"updates": 1})
+    real_save = torch.save
+
+    def crash(obj, f):  # dies half-way through writing
+        real_save({"partial": True}, f)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        muzero_nce.save_checkpoint(str(path), {"updates": 2})
+    assert torch.load(path, weights_only=False) == {"updates": 1}
