@@ -479,17 +479,22 @@ class MuZeroNet(nn.Module):
         """The training unroll: obs [B, S*C, H, W] at step 0, actions [B, K]. Returns policy
         logits [B, K+1, A], value logits [B, K+1, 2n+1], reward logits [B, K, 2n+1] and the
         online NCE predictions [B, K, D] (None without NCE). One forward() for DDP."""
-        latent, policy, value = self.initial_inference(obs)
-        policies, values, rewards, latents = [policy], [value], [], []
-        for k in range(actions.shape[1]):
-            latent, reward, policy, value = self.recurrent_inference(scale_gradient(latent, 0.5), actions[:, k])
-            policies.append(policy), values.append(value), rewards.append(reward), latents.append(latent)
         B, K = actions.shape
-        stack = lambda xs, size: torch.stack(xs, 1) if xs else policy.new_zeros(B, 0, size)
+        latent = self.representation(obs)
+        latents, rewards = [latent], []
+        for k in range(K):
+            latent, reward = self.dynamics(scale_gradient(latent, 0.5), actions[:, k])
+            latents.append(latent), rewards.append(reward)
+        # One prediction call on all K+1 latents: its BatchNorm then normalises every step with
+        # the same statistics, whose running averages are what acting and evaluation use. (One
+        # call per step would leave eval-mode statistics far from those of the root.)
+        policy, value = self.prediction(torch.cat(latents))
+        policies, values = (x.view(K + 1, B, -1).transpose(0, 1) for x in (policy, value))
+        rewards = torch.stack(rewards, 1) if K else value.new_zeros(B, 0, value.shape[-1])
         predictions = None
         if nce and K > 0:
-            predictions = self.project(torch.cat(latents)).view(K, B, -1).transpose(0, 1)
-        return stack(policies, 0), stack(values, 0), stack(rewards, value.shape[-1]), predictions
+            predictions = self.project(torch.cat(latents[1:])).view(K, B, -1).transpose(0, 1)
+        return policies, values, rewards, predictions
 
 
 def make_recurrent_fn(net):
@@ -1596,11 +1601,12 @@ def set_rng_state(state, generators):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def log_protocol(args, frame_shape, stack, num_actions, placement):
-    print(f"game {args.game} | frames {frame_shape} x {stack} | {num_actions} actions | {placement} | evaluation: "
+def log_protocol(args, frame_shape, stack, num_actions, placement, atari=True):
+    env = (f"game {args.game}, <= {args.noop_max} no-ops, sticky {args.sticky_actions}, cap "
+           f"{args.max_episode_frames:,} frames, no life loss" if atari else "env from env_fn")
+    print(f"{env} | frames {frame_shape} x {stack} | {num_actions} actions | {placement} | evaluation: "
           f"{args.eval_episodes} episodes, {args.eval_simulations} simulations, no noise, most-visited action, "
-          f"<= {args.noop_max} no-ops, sticky {args.sticky_actions}, cap {args.max_episode_frames:,} frames, "
-          f"no life loss, final weights scored", flush=True)
+          f"final weights scored", flush=True)
 
 
 def search_stats(actor):
@@ -1651,6 +1657,7 @@ def train(args, env_fn=None):
     envs (section 3's contract). Returns a summary dict."""
     device = resolve_device(args.device)
     seed_everything(args.seed)
+    atari = env_fn is None
     env_fn = env_fn or make_atari_env_fn(args)
     envs = env_fn(args.num_envs)
     frame_shape, stack, num_actions = env_spec(envs)
@@ -1665,7 +1672,7 @@ def train(args, env_fn=None):
     run_dir = default_run_dir(args)
     if args.resume:
         envs = resume(args.resume, learner, acting, counters, buffer, actor, [sampler, actor.generator, noise], envs)
-    log_protocol(args, frame_shape, stack, num_actions, f"single process on {device}")
+    log_protocol(args, frame_shape, stack, num_actions, f"single process on {device}", atari)
     progress = Progress(run_dir, args)
     progress.mark = (time.time(), counters["env_steps"], counters["sims"], learner.updates)
     E, B = args.num_envs, args.batch_size_per_worker

@@ -1,0 +1,1228 @@
+"""Tests of muzero_nce.py, in the order of its sections. CPU only; about 5 minutes on 2 cores.
+
+    python -m pytest -q test_smoke.py
+
+- Search: the batched search against a plain one-tree-at-a-time MCTS written here, tree
+  invariants, batch independence, zero simulations, noise and temperature.
+- Utilities and losses: h and the supports, InfoNCE against a hand computation.
+- Replay: the ring, stacks rebuilt against a real env's own, n-step targets against loops over
+  their definition, priorities.
+- Learning: a tiny corridor that needs lookahead (Corridor), solved by a seeded run.
+- Runs: the command line (logs, checkpoints, resume, the same losses twice, one-line errors,
+  failing safely), exact resume, and the process layout (DDP on CPU, torchrun with two nodes, a
+  killed or raising trainer, Ctrl-C).
+
+Each test checks behaviour against an independent computation or a property that would fail
+if the code were wrong, never against numbers recorded from a previous run.
+"""
+import inspect
+import math
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import muzero_nce as M  # noqa: E402
+
+torch.set_num_threads(1)
+
+VISITS, VALUE_SUM, REWARD, PRIOR = M.VISITS, M.VALUE_SUM, M.REWARD, M.PRIOR
+
+
+# ---------------------------------------------------------------------------------------------
+# Lookup-table models and a plain-Python reference MCTS
+# ---------------------------------------------------------------------------------------------
+class TableModel:
+    """S states x A actions. recurrent_fn(emb, action) with emb a LongTensor of state ids."""
+
+    def __init__(self, num_states, num_actions, seed, kind="random"):
+        g = torch.Generator().manual_seed(seed)
+        S, A = num_states, num_actions
+        self.S, self.A = S, A
+        self.next = torch.randint(0, S, (S, A), generator=g)
+        if kind == "random":
+            self.reward = torch.randn(S, A, generator=g)
+            self.value = torch.randn(S, generator=g)
+            self.logits = torch.randn(S, A, generator=g) * 1.5
+        elif kind == "flat":  # every Q equal: min == max in every tree, uniform priors (ties)
+            self.reward = torch.zeros(S, A)
+            self.value = torch.full((S,), 0.7)
+            self.logits = torch.zeros(S, A)
+        elif kind == "zero":
+            self.reward = torch.zeros(S, A)
+            self.value = torch.zeros(S)
+            self.logits = torch.randn(S, A, generator=g)
+        elif kind == "equal":  # all rewards and values the same constant
+            self.reward = torch.full((S, A), 1.0)
+            self.value = torch.full((S,), 1.0)
+            self.logits = torch.randn(S, A, generator=g)
+        elif kind == "huge":  # |rewards| and |values| log-uniform in 1e6..1e9, random signs
+            sign = lambda *shape: torch.where(torch.rand(*shape, generator=g) < 0.5, -1.0, 1.0)
+            self.reward = sign(S, A) * 10 ** (6 + 3 * torch.rand(S, A, generator=g))
+            self.value = sign(S) * 10 ** (6 + 3 * torch.rand(S, generator=g))
+            self.logits = torch.randn(S, A, generator=g)
+        else:
+            raise ValueError(kind)
+        self.calls = 0
+
+    def recurrent_fn(self, emb, action):
+        self.calls += 1
+        assert emb.dtype == torch.long and emb.shape == action.shape
+        n = self.next[emb, action]
+        return self.reward[emb, action], self.value[n], self.logits[n], n
+
+    def step(self, state, action):
+        """Plain-Python version for the reference: (reward, value, prior list, next state)."""
+        n = int(self.next[state, action])
+        prior = [math.exp(x) for x in self.logits[n].double().tolist()]
+        total = sum(prior)
+        return float(self.reward[state, action]), float(self.value[n]), [p / total for p in prior], n
+
+    def root_prior(self, state):
+        prior = [math.exp(x) for x in self.logits[state].double().tolist()]
+        total = sum(prior)
+        return [p / total for p in prior]
+
+
+class Node:
+    def __init__(self, reward, prior, state):
+        self.reward, self.prior, self.state = reward, prior, state
+        self.children = {}
+        self.visits, self.value_sum = 0, 0.0
+
+    def mean(self):
+        return self.value_sum / self.visits
+
+
+def reference_search(model, state, prior, value, sims, discount, c1, c2):
+    """One tree, one simulation at a time, Python floats; the conventions of section 5."""
+    root = Node(0.0, prior, state)
+    root.visits, root.value_sum = 1, float(value)
+    lo, hi = math.inf, -math.inf
+
+    def q(parent, a):
+        child = parent.children.get(a)
+        if child is None or child.visits == 0:
+            return parent.mean()
+        return child.reward + discount * child.mean()
+
+    def normalised(x):
+        if hi > lo:
+            return min(max((x - lo) / (hi - lo), 0.0), 1.0)
+        return 0.0
+
+    for _ in range(sims):
+        node, path = root, [root]
+        while True:
+            n = node.visits
+            best, best_a = -math.inf, None
+            for a in range(len(node.prior)):
+                child = node.children.get(a)
+                na = child.visits if child is not None else 0
+                u = (c1 + math.log((n + c2 + 1) / c2)) * node.prior[a] * math.sqrt(n) / (1 + na)
+                score = normalised(q(node, a)) + u
+                if score > best:  # strict: ties keep the lowest action index
+                    best, best_a = score, a
+            if best_a in node.children:
+                node = node.children[best_a]
+                path.append(node)
+            else:
+                break
+        reward, leaf_value, leaf_prior, next_state = model.step(node.state, best_a)
+        leaf = Node(reward, leaf_prior, next_state)
+        node.children[best_a] = leaf
+        path.append(leaf)
+        g = leaf_value
+        for nd in reversed(path):
+            nd.visits += 1
+            nd.value_sum += g
+            if nd is not root:
+                qn = nd.reward + discount * nd.mean()
+                lo, hi = min(lo, qn), max(hi, qn)
+            g = nd.reward + discount * g
+    counts = [root.children[a].visits if a in root.children else 0 for a in range(len(prior))]
+    return counts, root.mean()
+
+
+def roots_for(model, batch, seed):
+    return torch.randint(0, model.S, (batch,), generator=torch.Generator().manual_seed(seed))
+
+
+def run_table_search(model, roots, sims, **kw):
+    kw.setdefault("dirichlet_fraction", 0.0)
+    return M.search(model.logits[roots], model.value[roots], roots, model.recurrent_fn, sims, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. search == the plain reference
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("discount", [0.9, 0.997])
+@pytest.mark.parametrize("sims", [1, 5, 30, 64])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_search_matches_reference(batch, sims, discount):
+    seed = batch * 100 + sims
+    model = TableModel(40, 4, seed)
+    roots = roots_for(model, batch, seed + 1)
+    out = run_table_search(model, roots, sims, discount=discount)
+    assert model.calls == sims  # one batched model call per simulation
+    for b in range(batch):
+        r = int(roots[b])
+        counts, value = reference_search(model, r, model.root_prior(r), float(model.value[r]), sims, discount,
+                                         1.25, 19652.0)
+        assert out.visit_counts[b].long().tolist() == counts, f"row {b}"
+        assert float(out.root_value[b]) == pytest.approx(value, abs=1e-4, rel=1e-5), f"row {b}"
+
+
+@pytest.mark.parametrize("kind, discount, c1, c2", [
+    ("random", 0.95, 1.0, 3.0),      # small c2: the log term of pUCT matters
+    ("random", 1.0, 2.0, 19652.0),
+    ("flat", 1.0, 1.25, 19652.0),    # all Q equal (min == max): prior alone, ties to lowest index
+    ("zero", 0.997, 1.25, 19652.0),
+])
+def test_search_matches_reference_other_settings(kind, discount, c1, c2):
+    model = TableModel(30, 5, seed=7, kind=kind)
+    roots = roots_for(model, 6, 8)
+    for sims in (7, 40):
+        out = run_table_search(model, roots, sims, discount=discount, c1=c1, c2=c2)
+        for b in range(6):
+            r = int(roots[b])
+            counts, value = reference_search(model, r, model.root_prior(r), float(model.value[r]), sims,
+                                             discount, c1, c2)
+            assert out.visit_counts[b].long().tolist() == counts
+            assert float(out.root_value[b]) == pytest.approx(value, abs=1e-4, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. batch rows are independent
+# ---------------------------------------------------------------------------------------------
+def test_search_rows_are_independent():
+    model = TableModel(40, 5, seed=3)
+    roots = roots_for(model, 7, 4)
+    sims = 25
+    out = run_table_search(model, roots, sims, discount=0.99)
+
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(perm, torch.arange(7))
+    out_p = run_table_search(model, roots[perm], sims, discount=0.99)
+    assert torch.equal(out_p.visit_counts, out.visit_counts[perm])
+    assert torch.equal(out_p.action, out.action[perm])
+    torch.testing.assert_close(out_p.policy, out.policy[perm])
+    torch.testing.assert_close(out_p.root_value, out.root_value[perm], rtol=1e-6, atol=1e-5)
+
+    # change every other row (other roots, other root values, other batch size): row 0 is unchanged
+    others = roots_for(model, 4, 99)
+    for changed in (torch.cat([roots[:1], others]), roots[:1]):
+        logits, value = model.logits[changed].clone(), model.value[changed].clone()
+        value[1:] += 5.0
+        logits[1:] = -logits[1:]
+        out_c = M.search(logits, value, changed, model.recurrent_fn, sims, discount=0.99, dirichlet_fraction=0.0)
+        assert torch.equal(out_c.visit_counts[0], out.visit_counts[0])
+        assert out_c.action[0] == out.action[0]
+        torch.testing.assert_close(out_c.root_value[0], out.root_value[0], rtol=1e-6, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. tree invariants
+# ---------------------------------------------------------------------------------------------
+def search_loop_checked(model, roots, sims, discount, c1=1.25, c2=19652.0):
+    """Search with 1, 2, ..., sims simulations (the search is deterministic without noise, so
+    these are the same tree after each simulation) and check every tree. Returns the last."""
+    for sim in range(1, sims + 1):
+        out = M.search(model.logits[roots], model.value[roots], roots, model.recurrent_fn, sim, discount=discount,
+                       c1=c1, c2=c2, dirichlet_fraction=0.0)
+        check_tree(out.tree, model, roots, model.value[roots].float(), sim, discount)
+    return out.tree
+
+
+def check_tree(tree, model, roots, root_value, sim, discount):
+    nodes, edges = tree.nodes.double(), tree.edges.double()
+    B, N, A = tree.children.shape
+    # children hold flat node rows b * N + i; turn them into node indices within each tree
+    children = torch.where(tree.children >= 0, tree.children - torch.arange(B)[:, None, None] * N, -1)
+    assert torch.isfinite(tree.nodes).all() and torch.isfinite(tree.edges).all()
+    for b in range(B):
+        kids = children[b, :sim + 1][children[b, :sim + 1] >= 0].tolist()
+        assert sorted(kids) == list(range(1, sim + 1))  # every node made so far has exactly one parent
+        assert (children[b, sim + 1:] == -1).all() and (nodes[b, sim + 1:] == 0).all()
+        assert nodes[b, 0, VISITS] == sim + 1
+        assert edges[b, 0, VISITS].sum() == sim
+        scale = max(1.0, float(nodes[b, :sim + 1, VALUE_SUM].abs().max()))
+        for n in range(sim + 1):
+            state = int(tree.embedding[b, n])
+            own_prior = torch.softmax(model.logits[state].double(), -1)
+            torch.testing.assert_close(edges[b, n, PRIOR], own_prior, rtol=1e-5, atol=1e-6)
+            own_value = float(root_value[b]) if n == 0 else float(model.value[state])
+            expected_visits, expected_sum = 1.0, own_value
+            for a in range(A):
+                c = int(children[b, n, a])
+                if c < 0:
+                    assert edges[b, n, VISITS, a] == 0 and edges[b, n, VALUE_SUM, a] == 0
+                    continue
+                # the edge mirrors its child node
+                assert edges[b, n, VISITS, a] == nodes[b, c, VISITS]
+                assert edges[b, n, REWARD, a] == nodes[b, c, REWARD]
+                assert float(edges[b, n, VALUE_SUM, a]) == pytest.approx(float(nodes[b, c, VALUE_SUM]), rel=1e-5, abs=1e-5 * scale)
+                # the child's reward and state are the model's for (state, a)
+                assert float(nodes[b, c, REWARD]) == float(model.reward[state, a])
+                assert int(tree.embedding[b, c]) == int(model.next[state, a])
+                expected_visits += float(nodes[b, c, VISITS])
+                expected_sum += float(nodes[b, c, VISITS] * nodes[b, c, REWARD] + discount * nodes[b, c, VALUE_SUM])
+            assert nodes[b, n, VISITS] == expected_visits  # 1 + the sum of the children's visits
+            assert float(nodes[b, n, VALUE_SUM]) == pytest.approx(expected_sum, rel=1e-4, abs=1e-4 * scale)
+        # the whole-tree bounds contain the current Q of every non-root node
+        q = nodes[b, 1:sim + 1, REWARD] + discount * nodes[b, 1:sim + 1, VALUE_SUM] / nodes[b, 1:sim + 1, VISITS]
+        lo, hi = float(tree.bounds[b, 0]), float(tree.bounds[b, 1])
+        tol = 1e-5 * max(1.0, abs(lo), abs(hi))
+        assert lo <= float(q.min()) + tol and float(q.max()) <= hi + tol
+
+
+def test_node_prior_mirrors_edge_prior():
+    """Tree's layout: nodes[b, c] holds node c's own statistics, "those of the edge into it",
+    so after expand its PRIOR must equal edges[b, parent, PRIOR, a] like VISITS, VALUE_SUM and
+    REWARD do (checked in check_tree)."""
+    model = TableModel(25, 4, seed=2)
+    roots = roots_for(model, 3, 2)
+    tree = search_loop_checked(model, roots, 12, 0.99)
+    for b in range(3):
+        for n in range(13):
+            for a in range(4):
+                c = int(tree.children[b, n, a]) - b * 13
+                if c >= 0:
+                    assert float(tree.nodes[b, c, PRIOR]) == float(tree.edges[b, n, PRIOR, a]), (b, n, a, c)
+
+
+def check_output(out, sims, batch, num_actions):
+    assert out.visit_counts.shape == (batch, num_actions) and out.policy.shape == (batch, num_actions)
+    assert torch.equal(out.visit_counts.sum(-1), torch.full((batch,), float(sims)))
+    torch.testing.assert_close(out.policy.sum(-1), torch.ones(batch))
+    assert torch.isfinite(out.root_value).all() and torch.isfinite(out.policy).all()
+    # temperature 0: the most visited action, ties to the lowest index
+    for b in range(batch):
+        counts = out.visit_counts[b].tolist()
+        assert int(out.action[b]) == counts.index(max(counts))
+
+
+@pytest.mark.parametrize("kind, discount", [("random", 0.9), ("flat", 1.0), ("zero", 0.997), ("equal", 0.997),
+                                            ("huge", 0.997)])
+def test_tree_invariants(kind, discount):
+    model = TableModel(25, 4, seed=11, kind=kind)
+    roots = roots_for(model, 3, 12)
+    sims = 24
+    tree = search_loop_checked(model, roots, sims, discount)
+    out = run_table_search(model, roots, sims, discount=discount)
+    check_output(out, sims, 3, 4)
+    # the loop above is search()'s own
+    assert torch.equal(out.visit_counts, tree.edges[:, 0, VISITS])
+    torch.testing.assert_close(out.root_value, tree.nodes[:, 0, VALUE_SUM] / tree.nodes[:, 0, VISITS])
+    if kind == "flat":
+        # every Q is 0.7: the bounds never open, Q normalises to 0 everywhere
+        assert torch.equal(tree.bounds[:, 0], tree.bounds[:, 1])
+        scale, shift = M.q_normaliser(tree.bounds)
+        assert (scale == 0).all() and (shift == 0).all()
+        torch.testing.assert_close(out.root_value, torch.full((3,), 0.7))
+    if kind == "zero":
+        assert (out.root_value == 0).all()
+    if kind == "huge":
+        assert (tree.bounds[:, 1] > tree.bounds[:, 0]).all() and torch.isfinite(tree.bounds).all()
+
+
+@pytest.mark.parametrize("sims", [1, 2, 13, 50])
+def test_search_output_invariants(sims):
+    for kind in ("random", "flat", "huge"):
+        model = TableModel(30, 6, seed=sims, kind=kind)
+        roots = roots_for(model, 5, sims)
+        out = run_table_search(model, roots, sims, discount=0.997)
+        check_output(out, sims, 5, 6)
+        with_noise = run_table_search(model, roots, sims, discount=0.997, dirichlet_fraction=0.25,
+                                      generator=torch.Generator().manual_seed(1))
+        check_output(with_noise, sims, 5, 6)
+
+
+def test_q_normaliser():
+    bounds = torch.tensor([[math.inf, -math.inf], [2.0, 2.0], [-1.0, 3.0], [1e9, 3e9]])
+    scale, shift = M.q_normaliser(bounds)
+    assert torch.isfinite(scale).all() and torch.isfinite(shift).all()
+    q = torch.tensor([[5.0], [2.0], [0.0], [2e9]])
+    normalised = (q * scale + shift).squeeze(1)
+    torch.testing.assert_close(normalised, torch.tensor([0.0, 0.0, 0.25, 0.5]))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. zero simulations, determinism, noise, temperature
+# ---------------------------------------------------------------------------------------------
+def test_zero_simulations_returns_prior():
+    g = torch.Generator().manual_seed(0)
+    logits, value = torch.randn(4, 6, generator=g), torch.randn(4, generator=g)
+
+    def never(*_):
+        raise AssertionError("recurrent_fn called with 0 simulations")
+
+    out = M.search(logits, value, torch.zeros(4, 3), never, 0, dirichlet_fraction=0.0)
+    torch.testing.assert_close(out.policy, torch.softmax(logits, -1))
+    assert torch.equal(out.visit_counts, torch.zeros(4, 6))
+    torch.testing.assert_close(out.root_value, value)
+    assert torch.equal(out.action, logits.argmax(-1))
+
+
+def test_search_is_deterministic_without_noise():
+    model = TableModel(40, 5, seed=5)
+    roots = roots_for(model, 6, 5)
+    a = run_table_search(model, roots, 30, temperature=0.0)
+    b = run_table_search(model, roots, 30, temperature=0.0)
+    for x, y in zip(a[:4], b[:4]):  # the four result tensors (not the tree)
+        assert torch.equal(x, y)
+
+
+def test_dirichlet_noise_with_seeded_generator():
+    model = TableModel(40, 5, seed=6)
+    roots = roots_for(model, 8, 6)
+    fraction = 0.25
+    prior = torch.softmax(model.logits[roots], -1)
+    for sims in (0, 20):
+        clean = run_table_search(model, roots, sims)
+        noisy = [run_table_search(model, roots, sims, dirichlet_fraction=fraction, temperature=1.0,
+                                  generator=torch.Generator().manual_seed(s)) for s in (42, 42, 43)]
+        for x, y in zip(noisy[0][:4], noisy[1][:4]):  # equal seeds: equal results, sampled actions included
+            assert torch.equal(x, y)
+        assert not torch.equal(noisy[0].policy, clean.policy)
+        assert not torch.equal(noisy[0].policy, noisy[2].policy)  # another seed, other noise
+        if sims:
+            assert torch.equal(noisy[0].visit_counts.sum(-1), torch.full((8,), float(sims)))
+            torch.testing.assert_close(noisy[0].policy, noisy[0].visit_counts / sims)
+    # with no simulation the policy is the noised prior: (1 - f) prior + f * (a distribution)
+    out = run_table_search(model, roots, 0, dirichlet_fraction=fraction, generator=torch.Generator().manual_seed(1))
+    noise = (out.policy - (1 - fraction) * prior) / fraction
+    assert (noise >= -1e-6).all()
+    torch.testing.assert_close(noise.sum(-1), torch.ones(8))
+
+
+def test_temperature_zero_takes_argmax_lowest_index():
+    weights = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 5.0], [0.0, 4.0, 1.0, 4.0]])
+    assert M.select_action(weights, 0).tolist() == [1, 0, 3, 1]
+    logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [3.0, 3.0, 3.0, 3.0]])
+    out = M.search(logits, torch.zeros(2), torch.zeros(2, dtype=torch.long), None, 0, dirichlet_fraction=0.0)
+    assert out.action.tolist() == [1, 0]
+    # temperature T samples from weights^(1/T), normalised
+    g = torch.Generator().manual_seed(1)
+    picks = M.select_action(torch.tensor([[1.0, 2.0, 1.0]]).repeat(30000, 1), 0.5, g)
+    freq = torch.bincount(picks, minlength=3).float() / 30000
+    torch.testing.assert_close(freq, torch.tensor([1 / 6, 4 / 6, 1 / 6]), rtol=0, atol=0.015)
+    # sampling never picks an action of weight 0
+    g = torch.Generator().manual_seed(0)
+    picks = M.select_action(torch.tensor([[0.0, 5.0, 0.0]]).repeat(50, 1), 1.0, g)
+    assert (picks == 1).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. value transform and supports
+# ---------------------------------------------------------------------------------------------
+def test_h_round_trip():
+    x = torch.cat([torch.linspace(-1e5, 1e5, 2001, dtype=torch.float64),
+                   torch.tensor([0.0, 1e-3, -1e-3, 0.5, -2.0, 1e5, -1e5], dtype=torch.float64)])
+    torch.testing.assert_close(M.h_inverse(M.h(x)), x, rtol=1e-9, atol=1e-9)
+    y = M.h(x)
+    torch.testing.assert_close(M.h(M.h_inverse(y)), y, rtol=1e-9, atol=1e-9)
+    # h itself, from its definition
+    expected = torch.tensor([math.copysign(math.sqrt(abs(v) + 1) - 1, v) + 0.001 * v for v in x.tolist()],
+                            dtype=torch.float64)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    x32 = x.float()
+    torch.testing.assert_close(M.h_inverse(M.h(x32)), x32, rtol=1e-3, atol=1e-3)
+    assert (torch.diff(M.h(torch.linspace(-1e5, 1e5, 1001))) > 0).all()  # strictly increasing
+
+
+@pytest.mark.parametrize("n", [1, 10, 300])
+def test_support_round_trip(n):
+    g = torch.Generator().manual_seed(n)
+    hy = (torch.rand(500, generator=g, dtype=torch.float64) * 2 - 1) * n
+    hy = torch.cat([hy, torch.tensor([0.0, n, -n, n - 0.5, 1.0, -1.0], dtype=torch.float64)])
+    x = M.h_inverse(hy).float()
+    probs = M.scalar_to_support(x, n)
+    assert probs.shape == (x.shape[0], 2 * n + 1)
+    assert (probs >= 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(x.shape[0]))
+    nonzero = (probs > 0).sum(-1)
+    assert ((nonzero == 1) | (nonzero == 2)).all()
+    # two neighbouring atoms, whose mean in h-space is h(x)
+    first = (probs > 0).float().argmax(-1)
+    last = 2 * n - (probs > 0).flip(-1).float().argmax(-1)
+    assert ((last - first) == nonzero - 1).all()
+    atoms = torch.arange(-n, n + 1, dtype=torch.float32)
+    torch.testing.assert_close((probs * atoms).sum(-1), M.h(x).clamp(-n, n), rtol=1e-5, atol=1e-4)
+    back = M.support_to_scalar(torch.log(probs), n)
+    torch.testing.assert_close(back, x, rtol=1e-3, atol=1e-3)
+
+
+def test_support_edges():
+    n = 10
+    edge = M.h_inverse(torch.tensor(float(n), dtype=torch.float64))
+    x = torch.tensor([1e12, -1e12, float(edge) * 2, float(edge) * -2])  # beyond the support: clamped
+    probs = M.scalar_to_support(x, n)
+    expected = torch.zeros(4, 2 * n + 1)
+    expected[0, -1] = expected[1, 0] = expected[2, -1] = expected[3, 0] = 1
+    assert torch.equal(probs, expected)
+    torch.testing.assert_close(M.support_to_scalar(torch.log(probs), n),
+                               torch.tensor([1, -1, 1, -1]) * edge.float(), rtol=1e-4, atol=1e-3)
+    # integers in h-space land on one atom
+    for k in (-n, -3, 0, 4, n):
+        xk = M.h_inverse(torch.tensor([float(k)], dtype=torch.float64))
+        p = M.scalar_to_support(xk, n)[0]
+        assert int((p > 1e-9).sum()) == 1 and p[k + n] == pytest.approx(1.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. InfoNCE
+# ---------------------------------------------------------------------------------------------
+def hand_nce(pred, targ, temperature, valid, same_episode):
+    """Plain loops over the definition: -log softmax over the allowed candidates of the diagonal."""
+    B = pred.shape[0]
+    unit = lambda v: [c / max(math.sqrt(sum(x * x for x in v)), 1e-12) for c in v]
+    p = [unit(v) for v in pred.tolist()]
+    t = [unit(v) for v in targ.tolist()]
+    losses, accuracies = [], []
+    for i in range(B):
+        if not valid[i]:
+            losses.append(0.0), accuracies.append(0.0)
+            continue
+        allowed = [j for j in range(B) if valid[j] and (j == i or same_episode is None or not same_episode[i][j])]
+        s = {j: sum(a * b for a, b in zip(p[i], t[j])) / temperature for j in allowed}
+        top = max(s.values())
+        losses.append(-(s[i] - (top + math.log(sum(math.exp(v - top) for v in s.values())))))
+        accuracies.append(1.0 if max(allowed, key=lambda j: (s[j], -j)) == i else 0.0)
+    return losses, accuracies
+
+
+@pytest.mark.parametrize("case", ["plain", "masked", "invalid", "masked+invalid"])
+def test_nce_loss_matches_hand_computation(case):
+    g = torch.Generator().manual_seed(len(case))
+    B, D, temperature = 9, 6, 0.3
+    pred = torch.randn(B, D, generator=g)
+    targ = pred + 0.8 * torch.randn(B, D, generator=g)  # correlated: some rows are right, some wrong
+    valid = torch.ones(B)
+    same = None
+    if "masked" in case:
+        episode = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5])
+        same = episode[:, None] == episode[None, :]
+    if "invalid" in case:
+        valid[[1, 4, 8]] = 0
+    pred_leaf = pred.clone().requires_grad_(True)
+    targ_leaf = targ.clone().requires_grad_(True)
+    loss, accuracy = M.nce_loss(pred_leaf, targ_leaf, temperature, valid, same)
+    hand_loss, hand_acc = hand_nce(pred, targ, temperature, valid.tolist(), None if same is None else same.tolist())
+    torch.testing.assert_close(loss.detach(), torch.tensor(hand_loss), rtol=1e-5, atol=1e-5)
+    assert accuracy.tolist() == hand_acc
+    if "masked" in case or "invalid" in case:  # the masks do change the loss
+        plain, _ = hand_nce(pred, targ, temperature, [1.0] * B, None)
+        assert any(abs(a - b) > 1e-3 for a, b, v in zip(hand_loss, plain, valid.tolist()) if v)
+
+    # gradients: none into the target branch; into the predictions those of the hand-written loss
+    loss.sum().backward()
+    assert targ_leaf.grad is None
+    assert pred_leaf.grad is not None and torch.isfinite(pred_leaf.grad).all()
+    ref_pred = pred.clone().requires_grad_(True)
+    logits = F.normalize(ref_pred, dim=-1) @ F.normalize(targ, dim=-1).T / temperature
+    allowed = valid.bool()[None, :].expand(B, B).clone()
+    if same is not None:
+        allowed &= ~same | torch.eye(B, dtype=torch.bool)
+    ref = sum(-(logits[i, i] - torch.logsumexp(logits[i][allowed[i]], 0)) for i in range(B) if valid[i])
+    ref.backward()
+    torch.testing.assert_close(pred_leaf.grad, ref_pred.grad, rtol=1e-4, atol=1e-6)
+    if "invalid" in case:
+        assert (pred_leaf.grad[~valid.bool()] == 0).all()
+
+
+def test_nce_invalid_columns_are_not_negatives():
+    g = torch.Generator().manual_seed(1)
+    pred, targ = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    valid = torch.tensor([1.0, 1, 0, 1, 0, 1])
+    loss, _ = M.nce_loss(pred, targ, 0.1, valid)
+    moved = targ.clone()
+    moved[[2, 4]] = pred[[0, 1]] * 10  # invalid targets that would be hard negatives if counted
+    loss_moved, _ = M.nce_loss(pred, moved, 0.1, valid)
+    torch.testing.assert_close(loss, loss_moved)
+    assert (loss[[2, 4]] == 0).all() and (loss[[0, 1, 3, 5]] > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. replay
+# ---------------------------------------------------------------------------------------------
+def test_replay_ring_wrap_around_and_start_mask():
+    T, E, S, K, n = 12, 3, 4, 2, 2
+    buf = M.ReplayBuffer(T * E, E, (1, 2, 2), 3, S, K, n)
+    assert buf.T == T and buf.E == E
+    final = {}
+    for t in range(31):
+        terminal = torch.tensor([t % 7 == 3, False, t % 11 == 5])
+        truncated = torch.tensor([False, t % 5 == 2, False])
+        for e in range(E):
+            final[t, e] = bool(terminal[e] or truncated[e])
+        frame = torch.tensor([(t * E + e) % 256 for e in range(E)], dtype=torch.uint8)[:, None, None, None].expand(E, 1, 2, 2)
+        buf.add(frame, torch.tensor([t + 0.01 * e for e in range(E)]), terminal, truncated,
+                torch.full((E,), t), torch.full((E,), t % 3), torch.full((E, 3), 1 / 3), torch.zeros(E), torch.zeros(E))
+        steps = t + 1
+        assert buf.steps == steps
+        times = buf.times()
+        held = set(range(max(0, steps - T), steps))
+        written = {int(x) for x in times if x >= 0}
+        assert written == held and len(held) == min(steps, T)
+        for row in range(T):
+            tr = int(times[row])
+            if tr < 0:
+                assert buf.reward[row].eq(0).all()
+                continue
+            for e in range(E):
+                assert float(buf.reward[row, e]) == pytest.approx(tr + 0.01 * e)
+                assert int(buf.frames[row, e, 0, 0, 0]) == (tr * E + e) % 256
+        mask = buf.start_mask()
+        for row in range(T):
+            tr = int(times[row])
+            for e in range(E):
+                expected = (tr >= 0 and all(x in held for x in range(tr - (S - 1), tr + K + n + 1))
+                            and not final[tr, e])
+                assert bool(mask[row, e]) == expected, (steps, tr, e)
+        starts = mask.nonzero()
+        if len(starts):
+            time, env = times[starts[:, 0]], starts[:, 1]
+            seq = buf.window(time, env)
+            expected = (time[:, None] + torch.arange(-(S - 1), K + n + 1)) + 0.01 * env[:, None]
+            torch.testing.assert_close(seq.reward, expected.float())
+    assert mask.any()
+
+    # prioritised sampling only returns valid starts; weights in (0, 1], max 1
+    g = torch.Generator().manual_seed(0)
+    priority = torch.rand(T, E, generator=g) * 5 + 0.1
+    buf.update_priorities(buf.times()[:, None].expand(T, E).flatten(), torch.arange(E).repeat(T), priority.flatten())
+    assert torch.equal(buf.priority[mask], priority[mask])
+    beta = 0.4
+    time, env, weights = buf.sample(400, beta, g)
+    assert ((time >= buf.steps - T) & (time < buf.steps)).all()
+    assert mask[time % T, env].all()
+    assert (weights > 0).all() and (weights <= 1).all() and float(weights.max()) == pytest.approx(1.0)
+    p = priority.pow(buf.alpha) * mask
+    P = p / p.sum()
+    count = int(mask.sum())
+    importance = (count * P[time % T, env]).pow(-beta)
+    torch.testing.assert_close(weights, importance / importance.max())
+    assert len({(int(a), int(b)) for a, b in zip(time, env)}) > 1
+
+
+def test_replay_sample_needs_a_complete_sequence():
+    buf = M.ReplayBuffer(20, 1, (1, 1, 1), 2, 4, 2, 2)
+    for t in range(8):  # a sequence spans S-1 + K + n + 1 = 8 rows: the 8th row completes the first
+        with pytest.raises(RuntimeError):
+            buf.sample(2, 0.4)
+        buf.add(torch.zeros(1, 1, 1, 1, dtype=torch.uint8), torch.zeros(1), torch.zeros(1, dtype=torch.bool),
+                torch.zeros(1, dtype=torch.bool), torch.tensor([t]), torch.zeros(1, dtype=torch.long),
+                torch.full((1, 2), 0.5), torch.zeros(1), torch.zeros(1))
+    time, env, _ = buf.sample(5, 0.4)
+    assert (time == 3).all() and (env == 0).all()
+
+
+class RecordingEnvs:
+    """Forwards to a vector env and records every observation, reward, flag and action."""
+
+    def __init__(self, envs):
+        self._envs = envs
+        self.actions, self.rewards, self.terminals, self.truncations = [], [], [], []
+
+    def __getattr__(self, name):
+        return getattr(self._envs, name)
+
+    def step(self, action):
+        self.actions.append(np.array(action, copy=True))
+        obs, reward, terminal, truncated, info = self._envs.step(action)
+        self.rewards.append(np.array(reward, dtype=np.float32))
+        self.terminals.append(np.array(terminal))
+        self.truncations.append(np.array(truncated))
+        return obs, reward, terminal, truncated, info
+
+
+def test_actor_rows_rebuild_the_env_stacks():
+    pytest.importorskip("ale_py")
+    E, T, steps = 2, 24, 40
+    args = M.parse_args(["--num-envs", str(E), "--max-episode-frames", "60", "--noop-max", "3",
+                         "--channels", "8", "--reduced-channels", "4", "--head-hidden", "8",
+                         "--proj-hidden", "16", "--proj-dim", "16", "--pred-hidden", "8", "--support-size", "10",
+                         "--num-simulations", "2", "--jumps", "1", "--td-steps", "1", "--buffer-size", str(T * E),
+                         "--learning-starts", "20", "--batch-size-per-worker", "4", "--device", "cpu"])
+    envs = RecordingEnvs(M.make_atari_env_fn(args)(E))
+    try:
+        frame_shape, stack, num_actions = M.env_spec(envs)
+        assert frame_shape == (3, 96, 96) and stack == 4
+        torch.manual_seed(0)
+        net = M.MuZeroNet(frame_shape, stack, num_actions, args).eval()
+        buf = M.ReplayBuffer(T * E, E, frame_shape, num_actions, stack, args.jumps, args.td_steps)
+        extra = {"seed": args.seed} if "seed" in inspect.signature(M.Actor).parameters else {}  # newer signature
+        actor = M.Actor(envs, buf, args, torch.device("cpu"), torch.Generator().manual_seed(0), **extra)
+        observations = []
+        for _ in range(steps):
+            observations.append(M.observation_tensor(actor.obs))  # o_t, written at row t
+            actor.step(net, 1.0)
+    finally:
+        envs.close()
+    assert buf.steps == steps
+
+    # what the rows should hold, from the env's own outputs (row t: o_t, what came with it, a_t)
+    final = [np.zeros(E, dtype=bool)] + [te | tr for te, tr in zip(envs.terminals, envs.truncations)]
+    episode_step = [np.zeros(E, dtype=np.int64)]
+    for t in range(1, steps):
+        episode_step.append(np.where(final[t - 1], 0, episode_step[-1] + 1))
+    assert any(f.any() for f in final[:steps - 1]), "no episode ended: the test needs an episode boundary"
+
+    checked_boundary = 0
+    for t in range(steps - T, steps):
+        row = t % T
+        for e in range(E):
+            assert int(buf.action[row, e]) == int(envs.actions[t][e])
+            reward = 0.0 if t == 0 or final[t - 1][e] else float(envs.rewards[t - 1][e])
+            assert float(buf.reward[row, e]) == reward
+            assert bool(buf.terminal[row, e]) == (t > 0 and bool(envs.terminals[t - 1][e]))
+            assert bool(buf.truncated[row, e]) == (t > 0 and bool(envs.truncations[t - 1][e]))
+            assert int(buf.episode_step[row, e]) == int(episode_step[t][e])
+    # stacks rebuilt from single frames == the env's stacks, across episode ends
+    times = torch.tensor([t for t in range(steps - T + stack - 1, steps) for e in range(E)])
+    env_ids = torch.tensor([e for t in range(steps - T + stack - 1, steps) for e in range(E)])
+    seq = buf.window(times, env_ids, before=stack - 1, after=0)
+    rebuilt = M.stack_observations(seq.frames, seq.episode_step, stack)[:, 0]
+    for i, (t, e) in enumerate(zip(times.tolist(), env_ids.tolist())):
+        assert torch.equal(rebuilt[i], observations[t][e]), (t, e)
+        if episode_step[t][e] < stack - 1:
+            checked_boundary += 1
+            assert (observations[t][e][:3 * (stack - 1 - episode_step[t][e])] == 0).all()  # zeros before the start
+    assert checked_boundary > 0
+    # the longer windows the trainer uses agree too, position by position
+    starts = buf.start_mask().nonzero()
+    t0, e0 = buf.times()[starts[:, 0]], starts[:, 1]
+    seq = buf.window(t0, e0)
+    rebuilt = M.stack_observations(seq.frames, seq.episode_step, stack)
+    for i, (t, e) in enumerate(zip(t0.tolist(), e0.tolist())):
+        for k in range(rebuilt.shape[1]):
+            assert torch.equal(rebuilt[i, k], observations[t + k][e])
+
+
+# ---- n-step targets: hand-built sequences --------------------------------------------------------
+def hand_targets(rewards, values, terminal, truncated, K, n, d):
+    """Rows 0..K+n of one sequence (row 0 is the start t). Plain loops over the definitions."""
+    L = K + n + 1
+    end = next((j for j in range(L) if terminal[j] or truncated[j]), None)
+    ends_terminal = end is not None and terminal[end]
+    z, vmask, pmask = [], [], []
+    for k in range(K + 1):
+        if end is None or k < end or (k == end and not ends_terminal):
+            h = n if end is None else min(n, end - k)
+            total = sum(d ** i * rewards[k + i + 1] for i in range(h))
+            if not (end is not None and k + h == end and ends_terminal):
+                total += d ** h * values[k + h]
+            z.append(total), vmask.append(1.0), pmask.append(1.0)
+        elif ends_terminal:  # at or after a terminal observation: absorbing, value 0
+            z.append(0.0), vmask.append(1.0), pmask.append(0.0)
+        else:  # after a truncation: nothing known
+            z.append(None), vmask.append(0.0), pmask.append(0.0)
+    r, rmask, nmask = [], [], []
+    for k in range(1, K + 1):
+        if end is None or k <= end:
+            r.append(rewards[k]), rmask.append(1.0), nmask.append(1.0)
+        elif ends_terminal:
+            r.append(0.0), rmask.append(1.0), nmask.append(0.0)
+        else:
+            r.append(None), rmask.append(0.0), nmask.append(0.0)
+    return z, vmask, pmask, r, rmask, nmask
+
+
+def test_n_step_targets_match_hand_computation():
+    S, K, n, d, A = 4, 3, 4, 0.9, 3
+    o, W = S - 1, S - 1 + K + n + 1
+    g = torch.Generator().manual_seed(0)
+    cases = [(None, None)] + [(kind, j) for kind in ("terminal", "truncated") for j in range(1, K + n + 1)]
+    B = len(cases)
+    reward = torch.randint(1, 9, (B, W), generator=g).float()  # nonzero everywhere: leaks would show
+    root_value = torch.randn(B, W, generator=g) * 10
+    terminal = torch.zeros(B, W, dtype=torch.bool)
+    truncated = torch.zeros(B, W, dtype=torch.bool)
+    terminal[1, 0] = truncated[2, 1] = True  # ends in the history rows before t: ignored
+    for b, (kind, j) in enumerate(cases):
+        if kind is not None:
+            (terminal if kind == "terminal" else truncated)[b, o + j] = True
+            if o + j + 2 < W:  # a later episode in the same window ends too
+                terminal[b, o + j + 2] = True
+    policy = torch.softmax(torch.randn(B, W, A, generator=g), -1)
+    action = torch.randint(0, A, (B, W), generator=g)
+    seq = M.Sequences(frames=torch.zeros(B, W, 1, 1, 1, dtype=torch.uint8), action=action, reward=reward,
+                      terminal=terminal, truncated=truncated, episode_step=torch.arange(W).repeat(B, 1),
+                      policy=policy, root_value=root_value, network_value=torch.zeros(B, W))
+    values = root_value[:, o:]
+    targets = M.n_step_targets(seq, values, K, n, d, S)
+    assert targets.value.shape == (B, K + 1) and targets.reward.shape == (B, K)
+    assert torch.equal(targets.actions, action[:, o:o + K])
+    torch.testing.assert_close(targets.policy, policy[:, o:o + K + 1])
+    for b, (kind, j) in enumerate(cases):
+        rows = slice(o, W)
+        z, vmask, pmask, r, rmask, nmask = hand_targets(reward[b, rows].tolist(), values[b].tolist(),
+                                                        terminal[b, rows].tolist(), truncated[b, rows].tolist(), K, n, d)
+        assert targets.value_mask[b].tolist() == vmask, (kind, j)
+        assert targets.policy_mask[b].tolist() == pmask, (kind, j)
+        assert targets.reward_mask[b].tolist() == rmask, (kind, j)
+        assert targets.nce_mask[b].tolist() == nmask, (kind, j)
+        for k in range(K + 1):
+            if vmask[k]:
+                assert float(targets.value[b, k]) == pytest.approx(z[k], rel=1e-5, abs=1e-4), (kind, j, k)
+        for k in range(K):
+            if rmask[k]:
+                assert float(targets.reward[b, k]) == pytest.approx(r[k]), (kind, j, k)
+
+
+def test_n_step_targets_bootstrap_row_ends():
+    """The end falls exactly on the bootstrap row t+n of step 0: a truncated end bootstraps from
+    that row's stored value, a terminal one does not."""
+    S, K, n, d = 2, 1, 3, 0.5
+    o, W = S - 1, S - 1 + K + n + 1
+    reward = torch.tensor([[9.0, 0, 1, 2, 4, 8]]).repeat(3, 1)
+    value = torch.tensor([[100.0, 10, 20, 30, 40, 50]]).repeat(3, 1)
+    terminal = torch.zeros(3, W, dtype=torch.bool)
+    truncated = torch.zeros(3, W, dtype=torch.bool)
+    terminal[0, o + n] = True
+    truncated[1, o + n] = True
+    seq = M.Sequences(torch.zeros(3, W, 1, 1, 1, dtype=torch.uint8), torch.zeros(3, W, dtype=torch.long), reward,
+                      terminal, truncated, torch.arange(W).repeat(3, 1), torch.full((3, W, 2), 0.5), value,
+                      torch.zeros(3, W))
+    targets = M.n_step_targets(seq, value[:, o:], K, n, d, S)
+    rewards_sum = 1 + d * 2 + d * d * 4  # rewards on reaching t+1..t+3
+    assert float(targets.value[0, 0]) == pytest.approx(rewards_sum)                      # terminal: no bootstrap
+    assert float(targets.value[1, 0]) == pytest.approx(rewards_sum + d ** 3 * 40)        # truncated: v_{t+3}
+    assert float(targets.value[2, 0]) == pytest.approx(rewards_sum + d ** 3 * 40)        # no end: the same
+    # step 1: the end is 2 steps away
+    assert float(targets.value[0, 1]) == pytest.approx(2 + d * 4)
+    assert float(targets.value[1, 1]) == pytest.approx(2 + d * 4 + d * d * 40)
+    assert float(targets.value[2, 1]) == pytest.approx(2 + d * 4 + d * d * 8 + d ** 3 * 50)
+    assert targets.value_mask.eq(1).all() and targets.policy_mask.eq(1).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. priorities
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, -1.0, float("inf"), -float("inf")])
+def test_update_priorities_rejects_bad_values(bad):
+    buf = M.ReplayBuffer(8, 2, (1, 1, 1), 2, 1, 1, 1)
+    for t in range(3):
+        buf.add(torch.zeros(2, 1, 1, 1, dtype=torch.uint8), torch.zeros(2), torch.zeros(2, dtype=torch.bool),
+                torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
+                torch.full((2, 2), 0.5), torch.zeros(2), torch.zeros(2))
+    before = buf.priority.clone(), buf.counters.clone()
+    with pytest.raises(ValueError):
+        buf.update_priorities(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 0]), torch.tensor([1.0, bad, 2.0]))
+    assert torch.equal(buf.priority, before[0]) and torch.equal(buf.counters, before[1])
+    buf.update_priorities(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 0]), torch.tensor([1.5, 3.0, 2.0]))
+    assert buf.priority[1, 1] == 3.0 and buf.priority[2, 0] == 2.0 and float(buf.counters[1]) == 3.0
+
+# ---------------------------------------------------------------------------------------------
+# Learning: a corridor that needs lookahead
+# ---------------------------------------------------------------------------------------------
+# Learning test: MuZero + InfoNCE must solve a tiny image env that needs lookahead.
+#
+# The env (Corridor) is a corridor of LENGTH cells drawn in a small uint8 image. The agent starts
+# next to a decoy exit: one step onto it ends the episode with reward DECOY (0.3); walking the
+# other way for LENGTH - 2 = 5 steps ends it with reward GOAL (1.0). A one-step-greedy agent takes
+# the decoy, and so does any agent whose value estimates have not yet seen the goal; the optimal
+# undiscounted return is exactly GOAL. Which side the goal lies on alternates from episode to
+# episode, so no constant action solves it either (a constant action scores (GOAL + DECOY) / 2).
+#
+# test_learns_corridor_needing_lookahead: a seeded run on CPU reaches at least 90% of the optimal
+# return in the final greedy, noise-free evaluation (checked with these flags: seeds 1-8 and 10
+# reach 1.0; seed 9 ends at 0.5, one layout lost late in training). test_zero_simulations_runs:
+# the same env runs end to end with no search at all.
+LENGTH = 7           # cells 0..6: an exit at each end
+DECOY, GOAL = 0.3, 1.0
+MAX_STEPS = 20       # truncation cap (return 0 when reached)
+HEIGHT, WIDTH = 3, LENGTH
+
+
+class Corridor(gym.Env):
+    """Frame uint8 [1, HEIGHT, WIDTH]. With the goal on the right, the agent (a 255 pixel) walks
+    row 0 and starts in cell 1, the decoy being cell 0; with the goal on the left it walks row 2
+    and starts in cell LENGTH - 2. The goal cell is marked with 128 in row 1. Actions: 0 left,
+    1 right. The layout alternates every episode; a seeded reset picks it from the seed's
+    parity, so the --eval-episodes envs (seeded s, s+1, ...) play both layouts equally often.
+    No randomness at all: deterministic and picklable."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self):
+        self.observation_space = gym.spaces.Box(0, 255, (1, HEIGHT, WIDTH), np.uint8)
+        self.action_space = gym.spaces.Discrete(2)
+        self.goal_right, self.position, self.steps = True, 1, 0
+
+    def _obs(self):
+        frame = np.zeros((1, HEIGHT, WIDTH), np.uint8)
+        frame[0, 1, LENGTH - 1 if self.goal_right else 0] = 128
+        frame[0, 0 if self.goal_right else 2, self.position] = 255
+        return frame
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.goal_right = bool(seed % 2) if seed is not None else not self.goal_right
+        self.position, self.steps = (1 if self.goal_right else LENGTH - 2), 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self.position += 1 if int(action) == 1 else -1
+        self.steps += 1
+        at_goal = self.position == (LENGTH - 1 if self.goal_right else 0)
+        at_decoy = self.position == (0 if self.goal_right else LENGTH - 1)
+        reward = GOAL if at_goal else DECOY if at_decoy else 0.0
+        terminal = at_goal or at_decoy
+        truncated = not terminal and self.steps >= MAX_STEPS
+        return self._obs(), reward, terminal, truncated, {}
+
+
+def env_fn(num_envs):
+    """Section 3's env contract: a vector env with NEXT_STEP autoreset; train() seeds it."""
+    return gym.vector.SyncVectorEnv([Corridor for _ in range(num_envs)],
+                                    autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+
+
+def corridor_args(tmp_path, seed, **overrides):
+    """A small network and 6,400 env steps (200 per env, ~1,450 updates). --td-steps 5 spans the
+    whole walk to the goal; reanalyze refreshes a quarter of each batch (with root noise)."""
+    flags = {
+        "--device": "cpu", "--seed": seed, "--num-envs": 32,
+        "--channels": 16, "--blocks": 1, "--reduced-channels": 4, "--head-hidden": 32, "--support-size": 10,
+        "--proj-hidden": 64, "--proj-dim": 64, "--pred-hidden": 32,
+        "--num-simulations": 8, "--eval-simulations": 8, "--eval-episodes": 8,
+        "--jumps": 3, "--td-steps": 5, "--batch-size-per-worker": 64,
+        "--optimizer": "adam", "--lr": 3e-3, "--lr-warmup-steps": 0, "--discount": 0.97,
+        "--buffer-size": 6400, "--learning-starts": 640, "--total-env-steps": 6400,
+        "--train-steps-per-env-step": 0.25, "--reanalyze-fraction": 0.25,
+        "--publish-interval": 10, "--target-update-interval": 50,
+        "--eval-interval": 0, "--log-interval": 10**9, "--checkpoint-interval": 10**9,
+        "--run-dir": str(tmp_path / "run"),
+    }
+    flags.update(overrides)
+    return M.parse_args([str(x) for kv in flags.items() for x in kv])
+
+
+def test_corridor_env_contract():
+    """The env itself: the decoy is one step away, the goal LENGTH - 2 steps the other way, the
+    layout alternates, the cap truncates, and the vector env pickles (--save-buffer needs it)."""
+    env = Corridor()
+    obs, _ = env.reset(seed=1)
+    assert obs.dtype == np.uint8 and obs.shape == (1, HEIGHT, WIDTH) and env.goal_right
+    assert env.step(0)[1:3] == (DECOY, True)
+    env.reset()
+    assert not env.goal_right
+    rewards = [env.step(0)[1] for _ in range(LENGTH - 2)]
+    assert rewards == [0.0] * (LENGTH - 3) + [GOAL]
+    env.reset(seed=0)
+    for i in range(MAX_STEPS):
+        _, _, terminal, truncated, _ = env.step(i % 2)
+    assert not terminal and truncated
+    envs = env_fn(2)
+    obs, _ = envs.reset(seed=4)
+    clone = pickle.loads(pickle.dumps(envs))
+    assert obs.shape == (2, 1, HEIGHT, WIDTH)
+    assert np.array_equal(clone.step(np.array([1, 0]))[0], envs.step(np.array([1, 0]))[0])
+
+
+def test_learns_corridor_needing_lookahead(tmp_path):
+    """One intra-op thread: the seeded run then follows the same trajectory on any CPU machine
+    (the numerics of a CPU kernel can depend on its thread count), it is no slower on these tiny
+    tensors, and it leaves the other core to whatever runs beside it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.time()
+        result = M.train(corridor_args(tmp_path, seed=1), env_fn)
+        print(f"corridor: eval_return {result['eval_return']:.3f} in {time.time() - start:.1f}s, "
+              f"{result['updates']} updates")
+    finally:
+        torch.set_num_threads(threads)
+    assert result["env_steps"] == 6400
+    assert result["eval_return"] > (GOAL + DECOY) / 2  # beats the decoy and any constant action
+    assert result["eval_return"] >= 0.9 * GOAL
+
+
+def test_zero_simulations_runs(tmp_path):
+    """--num-simulations 0 and --eval-simulations 0 (act and evaluate from the policy head; no
+    reanalyze) still run end to end on this env: every requested env step is taken, training
+    starts once --learning-starts is reached, and the evaluation scores whole episodes."""
+    args = corridor_args(tmp_path, seed=3, **{"--num-simulations": 0, "--eval-simulations": 0,
+                                              "--total-env-steps": 960, "--train-steps-per-env-step": 0.05})
+    result = M.train(args, env_fn)
+    assert result["env_steps"] == 960
+    # updates are credited from the step that reaches --learning-starts (640) to the end
+    assert 0 < result["updates"] <= (960 - 640 + 32) * 0.05
+    # each of the 8 evaluation episodes ends with return 0 (truncated), DECOY or GOAL
+    episodes = args.eval_episodes
+    possible = {round((g * GOAL + d * DECOY) / episodes, 6)
+                for g in range(episodes + 1) for d in range(episodes + 1 - g)}
+    assert round(result["eval_return"], 6) in possible
+
+# ---------------------------------------------------------------------------------------------
+# Runs: the command line, exact resume, failing safely, the process layout
+# ---------------------------------------------------------------------------------------------
+REPO = os.path.dirname(os.path.abspath(__file__))
+PYTHON = sys.executable
+# One torch thread per process: spinning OpenMP threads of several processes on 2 cores slow
+# each other down tens of times.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+# A network and search small enough for 2 CPU cores; everything else at its default.
+TINY = ["--device", "cpu", "--num-envs", "2", "--channels", "8", "--reduced-channels", "4", "--head-hidden", "8",
+        "--support-size", "10", "--proj-hidden", "16", "--proj-dim", "16", "--pred-hidden", "8",
+        "--num-simulations", "2", "--eval-simulations", "2", "--eval-episodes", "1", "--batch-size-per-worker", "4",
+        "--buffer-size", "200", "--learning-starts", "32", "--max-episode-frames", "400", "--eval-interval", "0",
+        "--log-interval", "40", "--reanalyze-fraction", "0.25"]
+
+
+def run_script(*flags, timeout=240):
+    return subprocess.run([PYTHON, "muzero_nce.py", *flags], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    values = []
+    for name in sorted(os.listdir(run_dir)):
+        if name.startswith("events.out"):
+            events = EventAccumulator(os.path.join(run_dir, name), size_guidance={"scalars": 0})
+            events.Reload()
+            if tag in events.Tags()["scalars"]:
+                values += [(e.step, e.value) for e in events.Scalars(tag)]
+    return sorted(values)
+
+
+def test_cli_trains_logs_checkpoints_and_resumes(tmp_path):
+    run = tmp_path / "run"
+    done = run_script("--game", "ms_pacman", *TINY, "--total-env-steps", "80", "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"env 80 \| .* env/s \| .* sims/s \| .* upd/s", done.stdout)
+    assert scalars(run, "losses/total") and scalars(run, "charts/eval_return")
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["counters"]["env_steps"] == 80 and state["updates"] == 80 - 32 + 2
+    resumed = run_script("--resume", str(run / "checkpoint.pt"), "--total-env-steps", "120", "--run-dir", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["counters"]["env_steps"] == 120
+    assert state["args"]["channels"] == 8  # the saved flags came back
+    # without --save-buffer the buffer warms up again (32 steps) before training resumes
+    assert state["updates"] == 80 - 32 + 2 + (120 - (80 + 32) + 2)
+
+
+def test_same_seed_same_losses(tmp_path):
+    losses = []
+    for name in ("a", "b"):
+        done = run_script(*TINY, "--total-env-steps", "80", "--log-interval", "2", "--run-dir", str(tmp_path / name))
+        assert done.returncode == 0, done.stderr
+        losses.append(scalars(tmp_path / name, "losses/total"))
+    assert len(losses[0]) > 10 and losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--game", "ms_pacmann"], r"unknown game 'ms_pacmann'; closest: ms_pacman"),
+    (["--game", "MsPacman"], r"unknown game 'MsPacman'; closest: .*ms_pacman"),
+    (["--num-envs", "0"], r"--num-envs: must be a positive integer, got 0"),
+    (["--num-simulations", "-1"], r"--num-simulations: must be zero or a positive integer, got -1"),
+    (["--batch-size-per-worker", "500"], r"--batch-size-per-worker 500 is larger than --buffer-size 200"),
+    (["--num-gpus", "4"], r"--num-gpus 4 but this machine has 0 GPU\(s\)"),
+    (["--devices", "cpu,cuda:3,cpu"], r"--devices entry 'cuda:3' but this machine has 0 GPU\(s\)"),
+    (["--devices", "cpu"], r"--devices lists 1 devices; it needs 1 actor \+ 1 reanalyze"),
+    (["--resume", "no/such/checkpoint.pt"], r"--resume no/such/checkpoint.pt: no such checkpoint file"),
+])
+def test_bad_input_is_one_line_error(tmp_path, flags, message):
+    done = run_script(*TINY, "--total-env-steps", "80", "--run-dir", str(tmp_path / "run"), *flags, timeout=60)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), done.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_more_trainers_than_gpus_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    args = M.parse_args(["--num-trainers", "3"])
+    with pytest.raises(SystemExit, match=r"--num-trainers 3 needs one GPU each but GPUs 1..1 give 1"):
+        M.plan_layout(args)
+    layout = M.plan_layout(M.parse_args([]))  # 2 GPUs: search on 0, one trainer on 1
+    assert (layout.actor, layout.trainers, layout.backend) == ("cuda:0", ["cuda:1"], "nccl")
+    layout = M.plan_layout(M.parse_args(["--gpu-0-train"]))
+    assert layout.trainers == ["cuda:0", "cuda:1"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    layout = M.plan_layout(M.parse_args([]))  # one GPU: everything shares it
+    assert (layout.actor, layout.reanalyze, layout.trainers) == ("cuda:0", ["cuda:0"], ["cuda:0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert M.plan_layout(M.parse_args([])) is None  # no GPU: the single process
+
+
+def test_import_does_not_initialise_cuda():
+    code = "import torch, muzero_nce; print(torch.cuda.is_initialized())"
+    done = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, env=ENV)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+# --- the process layout ---------------------------------------------------------------------
+LAYOUT = [*TINY, "--devices", "cpu,cpu,cpu,cpu"]  # actor, one reanalyze worker, two gloo trainers
+
+
+def test_layout_runs_to_completion(tmp_path):
+    run = tmp_path / "run"
+    done = run_script(*LAYOUT, "--total-env-steps", "120", "--save-buffer", "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr
+    assert "trainers ['cpu', 'cpu'] (gloo)" in done.stdout
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    checksums = state["counters"]["replica_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]  # both trainers ended with the same weights
+    own = sum(float(p.double().sum()) for name, p in state["net"].items() if "running" not in name
+              and "num_batches" not in name)
+    assert abs(own - checksums[0]) < 1e-6 * max(1.0, abs(own))
+    assert state["counters"]["env_steps"] == 120 and int(state["buffer"]["counters"][0]) * 2 == 120
+    assert state["updates"] == 120 - 32 + 2  # the replay ratio held across processes
+    assert state["counters"]["reanalyzed_sequences"] > 0 and int(state["buffer"]["reanalyzed"].sum()) > 0
+    assert scalars(run, "charts/weights_staleness")
+
+
+def test_torchrun_two_nodes(tmp_path):
+    port = str(29500 + os.getpid() % 1000)
+    flags = [*TINY, "--devices", "cpu,cpu,cpu", "--total-env-steps", "80", "--run-dir", str(tmp_path / "run")]
+    nodes = [subprocess.Popen([PYTHON, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
+                               "muzero_nce.py", *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=ENV) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "node 1/2" in outputs[0] and "node 2/2" in outputs[1]
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    checksums = state["counters"]["replica_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+
+
+def start_layout(tmp_path, *flags):
+    process = subprocess.Popen([PYTHON, "muzero_nce.py", *LAYOUT, "--total-env-steps", "100000",
+                                "--run-dir", str(tmp_path / "run"), *flags], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    pids, lines = {}, []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("started"):
+            pids = {name: int(pid) for name, pid in re.findall(r"(\w+ \d) \(pid (\d+)\)", line)}
+        if line.startswith("env 80 "):  # training is under way
+            break
+    assert len(pids) == 4, "".join(lines)
+    return process, pids, lines
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return "zombie" not in status.read()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["kill", "raise"])
+def test_failed_trainer_brings_the_run_down(tmp_path, how):
+    flags = ["--fault-after", "60"] if how == "raise" else []
+    process, pids, lines = start_layout(tmp_path, *flags)
+    start = time.time()
+    if how == "kill":
+        os.kill(pids["trainer 1"], signal.SIGKILL)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode != 0 and time.time() - start < 30
+    if how == "kill":
+        assert "trainer 1 died (killed by signal 9)" in output
+    else:
+        assert "error in trainer 1:" in output and "RuntimeError: fault injected" in output
+    time.sleep(0.5)
+    assert not [name for name, pid in pids.items() if alive(pid)]
+
+
+def test_sigint_stops_everything_and_checkpoints(tmp_path):
+    process, pids, _ = start_layout(tmp_path)
+    start = time.time()
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=90)[0]
+    assert process.returncode == 130 and time.time() - start < 30, output
+    assert "interrupted: stopping all processes and saving a checkpoint" in output
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["updates"] > 0
+    time.sleep(0.5)
+    assert not [name for name, pid in pids.items() if alive(pid)]
+
+
+# --- exact resume ---------------------------------------------------------------------------
+def test_resume_repeats_an_uninterrupted_run(tmp_path):
+    """2N updates straight vs N, a checkpoint with --save-buffer, a new process, N more: the
+    same parameters, bit for bit (CPU, picklable envs)."""
+    flags = ["--device", "cpu", "--seed", "3", "--num-envs", "4", "--channels", "8", "--reduced-channels", "4",
+             "--head-hidden", "8", "--support-size", "5", "--proj-hidden", "16", "--proj-dim", "16",
+             "--pred-hidden", "8", "--num-simulations", "4", "--eval-simulations", "2", "--eval-episodes", "2",
+             "--batch-size-per-worker", "8", "--buffer-size", "200", "--learning-starts", "64", "--jumps", "3", "--td-steps", "2",
+             "--total-env-steps", "160", "--checkpoint-interval", "96", "--eval-interval", "0",
+             "--reanalyze-fraction", "0.5", "--publish-interval", "7", "--target-update-interval", "5",
+             "--save-buffer", "--keep-checkpoints"]
+    code = "import sys, test_smoke as t; t.M.train(t.M.parse_args(sys.argv[1:]), t.env_fn)"
+    run = lambda *extra: subprocess.run([PYTHON, "-c", code, *flags, *extra], cwd=REPO, capture_output=True,
+                                        text=True, timeout=240, env=ENV)
+    straight = run("--run-dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+    middle = tmp_path / "straight" / "checkpoint_96.pt"
+    resumed = run("--resume", str(middle), "--run-dir", str(tmp_path / "resumed"))
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert 0 < torch.load(middle, weights_only=False)["updates"] < a["updates"] == b["updates"]
+    for name in a["net"]:
+        assert torch.equal(a["net"][name], b["net"][name]), name
+    assert torch.equal(a["buffer"]["priority"], b["buffer"]["priority"])
+
+
+# --- failing safely -------------------------------------------------------------------------
+def test_non_finite_loss_names_the_update_and_term(tmp_path, monkeypatch):
+    """NaN rewards make the value and reward losses NaN: the update raises with the step and the
+    term before touching the weights; main turns it into a one-line exit; the checkpoint
+    written before is untouched and loadable."""
+    args = M.parse_args(["--device", "cpu", "--num-envs", "4", "--channels", "8", "--support-size", "5",
+                                  "--proj-hidden", "16", "--proj-dim", "16", "--pred-hidden", "8", "--num-simulations",
+                                  "2", "--batch-size-per-worker", "8", "--buffer-size", "400", "--learning-starts", "64",
+                                  "--jumps", "3", "--td-steps", "2", "--total-env-steps", "96", "--checkpoint-interval",
+                                  "64", "--eval-interval", "0", "--eval-episodes", "1", "--run-dir", str(tmp_path)])
+    real_add = M.ReplayBuffer.add
+
+    def add(self, frame, reward, *rest):  # from env step 80 on, rewards are NaN
+        return real_add(self, frame, reward * math.nan if self.steps * 4 >= 80 else reward, *rest)
+
+    monkeypatch.setattr(M.ReplayBuffer, "add", add)
+    before = None
+    with pytest.raises(M.NonFiniteError, match=r"non-finite loss at update \d+ \(total=nan, .*(value|reward)=nan"):
+        try:
+            M.train(args, env_fn)
+        finally:
+            before = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert before["counters"]["env_steps"] == 64 and before["updates"] > 0
+    monkeypatch.setattr(M, "train", lambda args: (_ for _ in ()).throw(M.NonFiniteError("boom at update 3")))
+    with pytest.raises(SystemExit, match=r"^muzero_nce.py: error: boom at update 3; the last checkpoint is untouched$"):
+        M.main(["--device", "cpu"])
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    M.save_checkpoint(str(path), {"updates": 1})
+    real_save = torch.save
+
+    def crash(obj, f):  # dies half-way through writing
+        real_save({"partial": True}, f)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        M.save_checkpoint(str(path), {"updates": 2})
+    assert torch.load(path, weights_only=False) == {"updates": 1}
