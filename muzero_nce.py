@@ -1220,7 +1220,9 @@ class Shared:
             self.counters[index] += amount
 
     def stopping(self):
-        return bool(self.counters[STOP])
+        """An error or Ctrl-C set STOP, or the launcher is gone (no process is left behind)."""
+        launcher = torch.multiprocessing.parent_process()
+        return bool(self.counters[STOP]) or (launcher is not None and not launcher.is_alive())
 
     def publish(self, net, updates):
         with self.lock:
@@ -1246,11 +1248,9 @@ def updates_allowed(env_steps, start_steps, base_updates, args):
 
 
 def wait_until(condition, shared, poll=0.002):
-    """Sleep-poll until `condition()` or the run is stopping; also ends if the launcher died
-    (no process is left behind). Returns True if the condition holds."""
-    parent = torch.multiprocessing.parent_process()
+    """Sleep-poll until `condition()` or the run is stopping. Returns True if the condition holds."""
     while not condition():
-        if shared.stopping() or (parent is not None and not parent.is_alive()):
+        if shared.stopping():
             return False
         time.sleep(poll)
     return True
@@ -1681,35 +1681,44 @@ def train(args, env_fn=None):
         exact = {"actor": actor.state_dict(), "rng": rng_state([sampler, actor.generator, noise]), "envs": picklable(envs)}
         save_run(path, args, learner, acting, counters, buffer, exact)
 
+    def update(beta):
+        """Sample, refresh the first --reanalyze-fraction of the batch, train, reprioritise, publish."""
+        time_, env, weights = buffer.sample(B, beta, sampler)
+        refresh = round(args.reanalyze_fraction * B)
+        if refresh and args.num_simulations:
+            counters["sims"] += reanalyze(acting, buffer, time_[:refresh], env[:refresh], args, device, noise)
+        seq = Sequences(*(x.to(device) for x in buffer.window(time_, env)))
+        metrics, priorities = learner.train_step(seq, time_, env, weights.to(device))
+        buffer.update_priorities(time_, env, priorities.cpu())
+        if learner.updates % args.publish_interval == 0:
+            acting.load_state_dict(net.state_dict())
+        return metrics
+
     metrics = {}
-    while counters["env_steps"] < args.total_env_steps:
-        done = counters["env_steps"] / args.total_env_steps
-        for episode_return, length in actor.step(acting, visit_temperature(done)):
-            progress.episode(episode_return, length, counters["env_steps"])
-        counters["env_steps"] += E
-        counters["sims"] += E * args.num_simulations
-        beta = args.priority_beta + (1 - args.priority_beta) * done
-        while learner.updates < updates_allowed(counters["env_steps"], counters["start_steps"], counters["base_updates"], args):
-            time_, env, weights = buffer.sample(B, beta, sampler)
-            refresh = round(args.reanalyze_fraction * B)
-            if refresh and args.num_simulations:
-                counters["sims"] += reanalyze(acting, buffer, time_[:refresh], env[:refresh], args, device, noise)
-            seq = Sequences(*(x.to(device) for x in buffer.window(time_, env)))
-            metrics, priorities = learner.train_step(seq, time_, env, weights.to(device))
-            buffer.update_priorities(time_, env, priorities.cpu())
-            if learner.updates % args.publish_interval == 0:
-                acting.load_state_dict(net.state_dict())
-        steps, final = counters["env_steps"], counters["env_steps"] >= args.total_env_steps
-        if (args.eval_interval and crossed(steps, E, args.eval_interval)) or final:
-            run_evaluation(net.eval(), env_fn, args, device, steps, progress)
-        if crossed(steps, E, args.log_interval) or final:
-            progress.loss = float(metrics["losses/total"]) if metrics else None
-            progress.scalars({**metrics, **search_stats(actor)}, steps)
-            progress.line(steps, learner.updates, counters["sims"])
-        if crossed(steps, E, args.checkpoint_interval) or final:
-            save(os.path.join(run_dir, "checkpoint.pt"))
-            if args.keep_checkpoints and not final:
-                save(os.path.join(run_dir, f"checkpoint_{steps}.pt"))
+    try:
+        while counters["env_steps"] < args.total_env_steps:
+            done = counters["env_steps"] / args.total_env_steps
+            for episode_return, length in actor.step(acting, visit_temperature(done)):
+                progress.episode(episode_return, length, counters["env_steps"])
+            counters["env_steps"] += E
+            counters["sims"] += E * args.num_simulations
+            steps, final = counters["env_steps"], counters["env_steps"] >= args.total_env_steps
+            while learner.updates < updates_allowed(steps, counters["start_steps"], counters["base_updates"], args):
+                metrics = update(beta=args.priority_beta + (1 - args.priority_beta) * done)
+            if (args.eval_interval and crossed(steps, E, args.eval_interval)) or final:
+                run_evaluation(net.eval(), env_fn, args, device, steps, progress)
+            if crossed(steps, E, args.log_interval) or final:
+                progress.loss = float(metrics["losses/total"]) if metrics else None
+                progress.scalars({**metrics, **search_stats(actor)}, steps)
+                progress.line(steps, learner.updates, counters["sims"])
+            if crossed(steps, E, args.checkpoint_interval) or final:
+                save(os.path.join(run_dir, "checkpoint.pt"))
+                if args.keep_checkpoints and not final:
+                    save(os.path.join(run_dir, f"checkpoint_{steps}.pt"))
+    except KeyboardInterrupt:
+        save(os.path.join(run_dir, "checkpoint.pt"))
+        print(f"interrupted: checkpoint saved to {run_dir}/checkpoint.pt", flush=True)
+        raise
     progress.close()
     envs.close()
     return {"eval_return": progress.eval_return, "env_steps": counters["env_steps"], "updates": learner.updates,
@@ -1751,6 +1760,8 @@ def main(argv=None):
             launch(args, layout)
     except NonFiniteError as error:
         sys.exit(f"muzero_nce.py: error: {error}; the last checkpoint is untouched")
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1226,3 +1226,16 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         M.save_checkpoint(str(path), {"updates": 2})
     assert torch.load(path, weights_only=False) == {"updates": 1}
+
+
+def test_sigint_in_the_single_process_checkpoints(tmp_path):
+    process = subprocess.Popen([PYTHON, "muzero_nce.py", *TINY, "--total-env-steps", "100000", "--run-dir",
+                                str(tmp_path / "run")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=ENV)
+    for line in process.stdout:
+        if line.startswith("env 80 "):
+            break
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 130 and "interrupted: checkpoint saved" in output, output
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["counters"]["env_steps"] >= 80
