@@ -94,21 +94,26 @@ def build_parser():
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when there is one)")
     g.add_argument("--total-env-steps", type=positive_int, default=100_000,
                    help="agent steps (x4 frames) over all envs; 100k is the Atari-100k budget")
-    g.add_argument("--learning-starts", type=non_negative_int, default=2_000, help="env steps collected before training")
+    g.add_argument("--learning-starts", type=non_negative_int, default=2_000,
+                   help="env steps collected before training")
     g.add_argument("--train-steps-per-env-step", type=non_negative_float, default=1.0,
                    help="replay ratio: trainer updates per env step, held fixed whatever the hardware")
-    g.add_argument("--eval-interval", type=non_negative_int, default=20_000, help="env steps between evaluations (0: only at the end)")
+    g.add_argument("--eval-interval", type=non_negative_int, default=20_000,
+                   help="env steps between evaluations (0: only at the end)")
     g.add_argument("--eval-episodes", type=positive_int, default=32, help="episodes per evaluation, played in parallel")
     g.add_argument("--log-interval", type=positive_int, default=5_000, help="env steps between progress lines")
     g.add_argument("--checkpoint-interval", type=positive_int, default=20_000, help="env steps between checkpoints")
-    g.add_argument("--keep-checkpoints", action="store_true", help="also keep each periodic checkpoint as checkpoint_<env steps>.pt")
-    g.add_argument("--run-dir", default=None, help="where tensorboard events and checkpoints go (default runs/<game>__<seed>__<time>)")
+    g.add_argument("--keep-checkpoints", action="store_true",
+                   help="also keep each periodic checkpoint as checkpoint_<env steps>.pt")
+    g.add_argument("--run-dir", default=None,
+                   help="where tensorboard events and checkpoints go (default runs/<game>__<seed>__<time>)")
     g.add_argument("--resume", default=None, metavar="PATH",
                    help="continue from a checkpoint; flags given again on the command line override the saved ones")
     g.add_argument("--save-buffer", action="store_true",
                    help="also store the replay buffer, env and RNG states in checkpoints, so a resumed CPU run repeats exactly")
     g = p.add_argument_group("search")
-    g.add_argument("--num-simulations", type=non_negative_int, default=50, help="simulations per move when acting and reanalysing (0: act from the policy head)")
+    g.add_argument("--num-simulations", type=non_negative_int, default=50,
+                   help="simulations per move when acting and reanalysing (0: act from the policy head)")
     g.add_argument("--eval-simulations", type=non_negative_int, default=50, help="simulations per move when evaluating")
     g.add_argument("--c1", type=float, default=1.25, help="pUCT exploration constant")
     g.add_argument("--c2", type=float, default=19652.0, help="pUCT visit-count scale (MuZero's c2)")
@@ -126,34 +131,45 @@ def build_parser():
     g.add_argument("--local-target-net", action="store_true",
                    help="with --no-search-value-targets: each trainer computes bootstrap values with its own target network "
                         "instead of using the values that acting and reanalyze stored")
-    g.add_argument("--target-update-interval", type=positive_int, default=200, help="updates between target-network refreshes")
+    g.add_argument("--target-update-interval", type=positive_int, default=200,
+                   help="updates between target-network refreshes")
     g.add_argument("--reanalyze-fraction", type=fraction, default=1.0,
                    help="fraction of trained sequences whose policy and value targets are refreshed by a new search")
     g = p.add_argument_group("losses and optimiser")
     g.add_argument("--batch-size-per-worker", type=positive_int, default=200, help="sequences per update per trainer")
-    g.add_argument("--policy-loss-weight", type=non_negative_float, default=1.0, help="weight of the policy cross-entropy")
-    g.add_argument("--value-loss-weight", type=non_negative_float, default=0.25, help="weight of the value cross-entropy")
-    g.add_argument("--reward-loss-weight", type=non_negative_float, default=1.0, help="weight of the reward cross-entropy")
-    g.add_argument("--nce", action=argparse.BooleanOptionalAction, default=True, help="InfoNCE world-model loss (--no-nce: off)")
+    g.add_argument("--policy-loss-weight", type=non_negative_float, default=1.0,
+                   help="weight of the policy cross-entropy")
+    g.add_argument("--value-loss-weight", type=non_negative_float, default=0.25,
+                   help="weight of the value cross-entropy")
+    g.add_argument("--reward-loss-weight", type=non_negative_float, default=1.0,
+                   help="weight of the reward cross-entropy")
+    g.add_argument("--nce", action=argparse.BooleanOptionalAction, default=True,
+                   help="InfoNCE world-model loss (--no-nce: off)")
     g.add_argument("--nce-weight", type=non_negative_float, default=1.0, help="weight of the InfoNCE loss")
     g.add_argument("--nce-temperature", type=float, default=0.1, help="temperature of the InfoNCE logits")
-    g.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="sgd with momentum (EfficientZero) or adamw (the original)")
+    g.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                   help="sgd with momentum (EfficientZero) or adamw (the original)")
     g.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
     g.add_argument("--lr-warmup-steps", type=non_negative_int, default=1_000, help="linear warm-up updates")
-    g.add_argument("--lr-decay-steps", type=positive_int, default=100_000, help="updates per step decay of the learning rate")
+    g.add_argument("--lr-decay-steps", type=positive_int, default=100_000,
+                   help="updates per step decay of the learning rate")
     g.add_argument("--lr-decay-rate", type=float, default=0.1, help="factor of each learning-rate decay")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay")
     g.add_argument("--max-grad-norm", type=float, default=5.0, help="gradient clipping norm")
     g = p.add_argument_group("network")
     g.add_argument("--channels", type=positive_int, default=64, help="channels of the latent state")
-    g.add_argument("--blocks", type=positive_int, default=1, help="residual blocks in each of representation, dynamics, prediction")
+    g.add_argument("--blocks", type=positive_int, default=1,
+                   help="residual blocks in each of representation, dynamics, prediction")
     g.add_argument("--reduced-channels", type=positive_int, default=16, help="1x1-conv channels before each head's MLP")
-    g.add_argument("--head-hidden", type=positive_int, default=32, help="hidden units of the value, reward and policy MLPs")
-    g.add_argument("--support-size", type=positive_int, default=300, help="value and reward are categorical on [-n, n] in h-space")
+    g.add_argument("--head-hidden", type=positive_int, default=32,
+                   help="hidden units of the value, reward and policy MLPs")
+    g.add_argument("--support-size", type=positive_int, default=300,
+                   help="value and reward are categorical on [-n, n] in h-space")
     g.add_argument("--proj-hidden", type=positive_int, default=1024, help="hidden units of the NCE projection")
     g.add_argument("--proj-dim", type=positive_int, default=1024, help="output size of the NCE projection")
-    g.add_argument("--pred-hidden", type=positive_int, default=512, help="hidden units of the NCE prediction head (online side)")
+    g.add_argument("--pred-hidden", type=positive_int, default=512,
+                   help="hidden units of the NCE prediction head (online side)")
     g = p.add_argument_group("processes (section 9)")
     g.add_argument("--num-gpus", type=non_negative_int, default=None, help="GPUs to use (default: all visible)")
     g.add_argument("--num-trainers", type=non_negative_int, default=None,
@@ -163,10 +179,12 @@ def build_parser():
     g.add_argument("--no-gpu-0-train", dest="gpu_0_train", action="store_false",
                    help="GPU 0 only acts, searches and reanalyses (the default with more than one GPU)")
     g.add_argument("--reanalyze-workers", type=non_negative_int, default=1, help="reanalyze processes on GPU 0")
-    g.add_argument("--publish-interval", type=positive_int, default=100, help="updates between weights sent to actor and reanalyze")
+    g.add_argument("--publish-interval", type=positive_int, default=100,
+                   help="updates between weights sent to actor and reanalyze")
     g.add_argument("--devices", default=None,
                    help="comma list overriding placement: actor, reanalyze workers, trainers in order (e.g. cpu,cpu,cpu,cpu)")
-    g.add_argument("--fault-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: a trainer raises after N updates
+    g.add_argument("--fault-after", type=int, default=None,
+                   help=argparse.SUPPRESS)  # tests: a trainer raises after N updates
     p.set_defaults(gpu_0_train=None)
     return p
 
@@ -287,8 +305,9 @@ def visit_temperature(progress):
 # 3. Environment
 # ---------------------------------------------------------------------------------------------
 # The env contract, met by ALE's C++ AtariVectorEnv and by any gymnasium vector env a test
-# passes as env_fn(num_envs): reset(seed=s) seeds env i with s + i; observations uint8 [E, stack, H, W] or [E, stack, H, W, C]
-# (oldest frame first, frames before the episode start all zero), Discrete actions, and
+# passes as env_fn(num_envs): reset(seed=s) seeds env i with s + i; observations uint8
+# [E, stack, H, W] or [E, stack, H, W, C] (oldest frame first, frames before the episode start
+# all zero); Discrete actions; and
 # NEXT_STEP autoreset: the step after a terminal or truncated observation resets that env and
 # returns its first observation with reward 0.
 
@@ -325,10 +344,14 @@ def observation_tensor(obs):
 
 
 def env_spec(envs):
-    """Frame shape [C, H, W], stack depth and action count of a vector env."""
-    shape = envs.single_observation_space.shape
+    """Frame shape [C, H, W], stack depth and action count of a vector env (the contract above)."""
+    space, actions = envs.single_observation_space, envs.single_action_space
+    if space.dtype != np.uint8 or len(space.shape) not in (3, 4) or not hasattr(actions, "n"):
+        sys.exit(f"muzero_nce.py: error: the env gives {space.dtype} observations of shape {space.shape} and "
+                 f"{type(actions).__name__} actions; it needs uint8 [stack, H, W] or [stack, H, W, C] and Discrete")
+    shape = space.shape
     stack, (height, width), colours = shape[0], shape[1:3], (shape[3] if len(shape) == 4 else 1)
-    return (colours, height, width), stack, int(envs.single_action_space.n)
+    return (colours, height, width), stack, int(actions.n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1356,25 +1379,32 @@ def trainer_process(args, shared, index, layout):
     if args.resume:
         learner.load_state_dict(load_checkpoint(args.resume))
     sampler = make_generator("cpu", args.seed + 7907 * (rank + 1) + 12345)
-    buffer, counters, B, E = shared.buffer, shared.counters, args.batch_size_per_worker, args.num_envs
+    buffer, counters, B = shared.buffer, shared.counters, args.batch_size_per_worker
     progress = Progress(node_run_dir(args, layout)) if rank == 0 else None
     leader = index == 0  # each node's first trainer publishes weights and counts updates
     run_dir, last_logged = node_run_dir(args, layout), int(counters[ENV_STEPS])
     metrics = {}
     collective_device = device if layout.backend == "nccl" else torch.device("cpu")
-    allowed = lambda: updates_allowed(int(counters[ENV_STEPS]), int(counters[START_STEPS]), int(counters[BASE_UPDATES]), args)
+
+    def credit():  # updates the replay ratio allows beyond those done
+        c = counters
+        return updates_allowed(int(c[ENV_STEPS]), int(c[START_STEPS]), int(c[BASE_UPDATES]), args) - learner.updates
+
+    def reanalyze_kept_pace():
+        return not layout.reanalyze or int(counters[REANALYZED]) >= args.reanalyze_fraction * learner.updates * B * T
+
     while True:
-        wait_until(lambda: (allowed() > learner.updates and bool(buffer.start_mask().any())) or bool(counters[ACTOR_DONE]), shared)
-        wanted = args.reanalyze_fraction * learner.updates * B * T if layout.reanalyze else 0
-        wait_until(lambda: int(counters[REANALYZED]) >= wanted or bool(counters[ACTOR_DONE]), shared)
-        stop = shared.stopping() or allowed() <= learner.updates  # after the actor's last step: no credit left
+        actor_done = lambda: bool(counters[ACTOR_DONE])
+        wait_until(lambda: (credit() > 0 and bool(buffer.start_mask().any())) or actor_done(), shared)
+        wait_until(lambda: reanalyze_kept_pace() or actor_done(), shared)
+        stop = shared.stopping() or credit() <= 0  # (once the actor is done: no credit left)
         # every trainer must take the same decision, or the others would wait in all_reduce forever
         flag = torch.tensor([float(stop)], device=collective_device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
             break
-        beta = args.priority_beta + (1 - args.priority_beta) * min(1.0, int(counters[ENV_STEPS]) / args.total_env_steps)
-        time_, env, weights = buffer.sample(B, beta, sampler)
+        done = min(1.0, int(counters[ENV_STEPS]) / args.total_env_steps)
+        time_, env, weights = buffer.sample(B, args.priority_beta + (1 - args.priority_beta) * done, sampler)
         seq = Sequences(*(x.to(device, non_blocking=True) for x in buffer.window(time_, env)))
         metrics, priorities = learner.train_step(seq, time_, env, weights.to(device))
         buffer.update_priorities(time_, env, priorities.cpu())
@@ -1389,7 +1419,8 @@ def trainer_process(args, shared, index, layout):
             shared.stats[LOSS] = float(metrics["losses/total"])
             progress.scalars(metrics, steps)
         if rank == 0 and steps // args.checkpoint_interval > last_logged // args.checkpoint_interval:
-            save_run(os.path.join(run_dir, "checkpoint.pt"), args, learner, shared.weights, counters_dict(counters), buffer)
+            save_run(os.path.join(run_dir, "checkpoint.pt"), args, learner, shared.weights, counters_dict(counters),
+                     buffer)
         last_logged = steps
     if leader:
         shared.publish(net, learner.updates)
