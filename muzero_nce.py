@@ -316,7 +316,8 @@ def check_game(game):
     games = roms.get_all_rom_ids()
     if game not in games:
         close = difflib.get_close_matches(game.lower().replace("-", "_"), games, n=4, cutoff=0.5)
-        hint = f"closest: {', '.join(close)}" if close else f"valid names are snake_case ROM ids such as {', '.join(games[:4])}"
+        hint = (f"closest: {', '.join(close)}" if close
+                else f"valid names are snake_case ROM ids such as {', '.join(games[:4])}")
         sys.exit(f"muzero_nce.py: error: unknown game '{game}'; {hint}")
 
 
@@ -469,7 +470,8 @@ class MuZeroNet(nn.Module):
         colours, height, width = frame_shape
         downsample = height >= 64 and width >= 64
         latent_hw = (math.ceil(height / 16), math.ceil(width / 16)) if downsample else (height, width)
-        c, blocks, red, hid, sup = args.channels, args.blocks, args.reduced_channels, args.head_hidden, args.support_size
+        c, blocks, sup = args.channels, args.blocks, args.support_size
+        red, hid = args.reduced_channels, args.head_hidden
         self.num_actions, self.support_size, self.stack = num_actions, sup, stack
         self.representation = Representation(stack * colours, c, blocks, downsample)
         self.dynamics = Dynamics(c, num_actions, blocks, red, hid, sup, latent_hw)
@@ -1102,7 +1104,8 @@ class Learner:
             group["lr"] = learning_rate(args, self.updates)
         self.model.train()
         outputs = self.model(obs[:, 0], targets.actions, nce=args.nce)
-        terms, priorities, metrics = muzero_losses(outputs, targets, projections, same_episode, args, self.net.support_size)
+        terms, priorities, metrics = muzero_losses(outputs, targets, projections, same_episode, args,
+                                                   self.net.support_size)
         losses = {name: (term * weights).mean() for name, term in terms.items()}
         loss = sum(self.loss_weights[name] * value for name, value in losses.items())
         values = torch.stack([loss, *losses.values()]).detach()
@@ -1198,7 +1201,8 @@ def plan_layout(args):
         if trainers < 1 or (args.num_trainers is not None and args.num_trainers != trainers):
             layout_error(f"--devices lists {len(devices)} devices; it needs 1 actor + {args.reanalyze_workers} "
                          f"reanalyze + {args.num_trainers or 'at least 1'} trainer(s)")
-        actor, reanalyze, trainer_devices = devices[0], devices[1:1 + args.reanalyze_workers], devices[1 + args.reanalyze_workers:]
+        R = args.reanalyze_workers
+        actor, reanalyze, trainer_devices = devices[0], devices[1:1 + R], devices[1 + R:]
     else:
         gpu_0_train = args.gpu_0_train if args.gpu_0_train is not None else gpus <= 1
         slots = [f"cuda:{i}" for i in range(0 if gpu_0_train else 1, gpus)] if gpus else []
@@ -1214,7 +1218,8 @@ def plan_layout(args):
         trainer_devices = slots[:trainers] if gpus else ["cpu"] * trainers
     if args.reanalyze_fraction > 0 and args.num_simulations > 0 and not reanalyze:
         layout_error("--reanalyze-fraction > 0 needs --reanalyze-workers >= 1 in the process layout")
-    distinct_gpus = all(d.startswith("cuda") for d in trainer_devices) and len(set(trainer_devices)) == len(trainer_devices)
+    distinct_gpus = (all(d.startswith("cuda") for d in trainer_devices)
+                     and len(set(trainer_devices)) == len(trainer_devices))
     layout = Layout(actor, reanalyze, trainer_devices, "nccl" if distinct_gpus else "gloo")
     if "TORCHELASTIC_RUN_ID" in os.environ or "GROUP_RANK" in os.environ:  # launched by torchrun
         if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) != 1:
@@ -1328,9 +1333,10 @@ def actor_process(args, shared, index, layout):
         shared.add(SIMS, E * args.num_simulations)
         counters[ENV_STEPS] = steps = steps + E
         shared.stats[RETURN] = progress.recent_return()
-        shared.stats[STALENESS] = int(counters[UPDATES]) - version
+        staleness = int(counters[UPDATES]) - version  # trainer updates the actor's weights lag behind
+        shared.stats[STALENESS] = staleness
         if crossed(steps, E, args.log_interval):
-            progress.scalars({"charts/weights_staleness": int(counters[UPDATES]) - version, **search_stats(actor)}, steps)
+            progress.scalars({"charts/weights_staleness": staleness, **search_stats(actor)}, steps)
         if args.eval_interval and crossed(steps, E, args.eval_interval) and steps < args.total_env_steps:
             run_evaluation(acting, AtariEnvFn(args), args, device, steps, progress, shared.stats)
     counters[ACTOR_DONE] = 1
@@ -1479,20 +1485,23 @@ def launch(args, layout):
         else:  # an empty buffer warms up again before training resumes
             counters.update(start_steps=counters["env_steps"] + args.learning_starts, base_updates=state["updates"])
         shared.counters[UPDATES] = shared.counters[VERSION] = state["updates"]
-    for name, index in (("env_steps", ENV_STEPS), ("start_steps", START_STEPS), ("base_updates", BASE_UPDATES), ("sims", SIMS)):
+    names = (("env_steps", ENV_STEPS), ("start_steps", START_STEPS), ("base_updates", BASE_UPDATES), ("sims", SIMS))
+    for name, index in names:
         shared.counters[index] = counters[name]
     log_protocol(args, frame_shape, stack, num_actions, f"actor {layout.actor}, reanalyze {layout.reanalyze}, "
                  f"trainers {layout.trainers} ({layout.backend}), node {layout.node_rank + 1}/{layout.num_nodes}")
-    roles = [("actor", 0, actor_process)] + [("reanalyze", i, reanalyze_process) for i in range(len(layout.reanalyze))] \
-        + [("trainer", i, trainer_process) for i in range(len(layout.trainers))]
+    roles = ([("actor", 0, actor_process)]
+             + [("reanalyze", i, reanalyze_process) for i in range(len(layout.reanalyze))]
+             + [("trainer", i, trainer_process) for i in range(len(layout.trainers))])
     processes = []
     for role, index, body in roles:
-        process = ctx.Process(target=process_entry, args=(role, index, body, args, shared, layout), name=f"{role} {index}")
+        process = ctx.Process(target=process_entry, args=(role, index, body, args, shared, layout),
+                              name=f"{role} {index}")
         process.start()
         processes.append(process)
     print("started " + ", ".join(f"{p.name} (pid {p.pid})" for p in processes), flush=True)
     progress = Progress(args.run_dir, args)
-    progress.mark = (time.time(), int(shared.counters[ENV_STEPS]), int(shared.counters[SIMS]), int(shared.counters[UPDATES]))
+    progress.mark = (time.time(), *(int(shared.counters[i]) for i in (ENV_STEPS, SIMS, UPDATES)))
     last = int(shared.counters[ENV_STEPS])
     try:
         while any(p.is_alive() for p in processes):
@@ -1709,7 +1718,8 @@ def train(args, env_fn=None):
     E, B = args.num_envs, args.batch_size_per_worker
 
     def save(path):
-        exact = {"actor": actor.state_dict(), "rng": rng_state([sampler, actor.generator, noise]), "envs": picklable(envs)}
+        exact = {"actor": actor.state_dict(), "rng": rng_state([sampler, actor.generator, noise]),
+                 "envs": picklable(envs)}
         save_run(path, args, learner, acting, counters, buffer, exact)
 
     def update(beta):
