@@ -79,6 +79,13 @@ def non_negative_float(text):
     return value
 
 
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def build_parser():
     p = OneLineParser(prog="muzero_nce.py", description="MuZero + InfoNCE on Atari (defaults: EfficientZero's Atari-100k).")
     g = p.add_argument_group("environment")
@@ -115,10 +122,10 @@ def build_parser():
     g.add_argument("--num-simulations", type=non_negative_int, default=50,
                    help="simulations per move when acting and reanalysing (0: act from the policy head)")
     g.add_argument("--eval-simulations", type=non_negative_int, default=50, help="simulations per move when evaluating")
-    g.add_argument("--c1", type=float, default=1.25, help="pUCT exploration constant")
-    g.add_argument("--c2", type=float, default=19652.0, help="pUCT visit-count scale (MuZero's c2)")
-    g.add_argument("--discount", type=float, default=0.997, help="discount per agent step")
-    g.add_argument("--dirichlet-alpha", type=float, default=0.3, help="root noise concentration when acting")
+    g.add_argument("--c1", type=non_negative_float, default=1.25, help="pUCT exploration constant")
+    g.add_argument("--c2", type=positive_float, default=19652.0, help="pUCT visit-count scale (MuZero's c2)")
+    g.add_argument("--discount", type=fraction, default=0.997, help="discount per agent step")
+    g.add_argument("--dirichlet-alpha", type=positive_float, default=0.3, help="root noise concentration when acting")
     g.add_argument("--dirichlet-fraction", type=fraction, default=0.25, help="root noise weight when acting")
     g = p.add_argument_group("replay and targets")
     g.add_argument("--buffer-size", type=positive_int, default=100_000, help="env steps kept (each frame stored once)")
@@ -146,17 +153,17 @@ def build_parser():
     g.add_argument("--nce", action=argparse.BooleanOptionalAction, default=True,
                    help="InfoNCE world-model loss (--no-nce: off)")
     g.add_argument("--nce-weight", type=non_negative_float, default=1.0, help="weight of the InfoNCE loss")
-    g.add_argument("--nce-temperature", type=float, default=0.1, help="temperature of the InfoNCE logits")
+    g.add_argument("--nce-temperature", type=positive_float, default=0.1, help="temperature of the InfoNCE logits")
     g.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
                    help="sgd with momentum (EfficientZero) or adamw (the original)")
-    g.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
+    g.add_argument("--lr", type=positive_float, default=0.2, help="peak learning rate")
     g.add_argument("--lr-warmup-steps", type=non_negative_int, default=1_000, help="linear warm-up updates")
     g.add_argument("--lr-decay-steps", type=positive_int, default=100_000,
                    help="updates per step decay of the learning rate")
-    g.add_argument("--lr-decay-rate", type=float, default=0.1, help="factor of each learning-rate decay")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay")
-    g.add_argument("--max-grad-norm", type=float, default=5.0, help="gradient clipping norm")
+    g.add_argument("--lr-decay-rate", type=fraction, default=0.1, help="factor of each learning-rate decay")
+    g.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="L2 weight decay")
+    g.add_argument("--max-grad-norm", type=positive_float, default=5.0, help="gradient clipping norm")
     g = p.add_argument_group("network")
     g.add_argument("--channels", type=positive_int, default=64, help="channels of the latent state")
     g.add_argument("--blocks", type=positive_int, default=1,

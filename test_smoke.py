@@ -1031,6 +1031,8 @@ def test_same_seed_same_losses(tmp_path):
     (["--game", "MsPacman"], r"unknown game 'MsPacman'; closest: .*ms_pacman"),
     (["--num-envs", "0"], r"--num-envs: must be a positive integer, got 0"),
     (["--num-simulations", "-1"], r"--num-simulations: must be zero or a positive integer, got -1"),
+    (["--nce-temperature", "0"], r"--nce-temperature: must be > 0, got 0"),
+    (["--discount", "1.5"], r"--discount: must lie in \[0, 1\], got 1.5"),
     (["--batch-size-per-worker", "500"], r"--batch-size-per-worker 500 is larger than --buffer-size 200"),
     (["--num-gpus", "4"], r"--num-gpus 4 but this machine has 0 GPU\(s\)"),
     (["--devices", "cpu,cuda:3,cpu"], r"--devices entry 'cuda:3' but this machine has 0 GPU\(s\)"),
