@@ -628,6 +628,22 @@ def test_replay_sample_needs_a_complete_sequence():
     assert (time == 3).all() and (env == 0).all()
 
 
+def test_atari_envs_get_distinct_seeds():
+    """reset(seed=s) seeds env i with s + i (the contract the actor relies on): env 1 under seed 5
+    plays exactly like env 0 under seed 6, and no two envs of one reset play alike."""
+    env_fn = M.make_atari_env_fn(M.parse_args(["--game", "ms_pacman"]))
+    first, second = env_fn(4), env_fn(4)
+    obs_a, _ = first.reset(seed=5)
+    obs_b, _ = second.reset(seed=6)
+    actions = np.random.default_rng(0).integers(0, first.single_action_space.n, (60, 4))
+    for step in actions:
+        obs_a = first.step(step)[0]
+        obs_b = second.step(np.roll(step, -1))[0]  # env i of `second` gets the action of env i+1 of `first`
+    assert all(np.array_equal(obs_a[i + 1], obs_b[i]) for i in range(3))
+    assert all(not np.array_equal(obs_a[i], obs_a[j]) for i in range(4) for j in range(i))
+    first.close(), second.close()
+
+
 class RecordingEnvs:
     """Forwards to a vector env and records every observation, reward, flag and action."""
 
