@@ -348,6 +348,20 @@ def test_search_output_invariants(sims):
         check_output(with_noise, sims, 5, 6)
 
 
+def test_search_outputs_can_be_training_targets():
+    """The search runs in inference mode; what it returns must still work inside autograd."""
+    model = TableModel(30, 6, seed=0)
+    out = run_table_search(model, roots_for(model, 5, 0), 8, discount=0.997)
+    logits = torch.zeros(5, 6, requires_grad=True)
+    value = torch.zeros(5, requires_grad=True)
+    # products save their other operand for backward, which inference tensors refuse
+    loss = -(out.visit_counts * torch.log_softmax(logits, -1)).sum() + (value * out.root_value).sum()
+    loss.backward()
+    counts = out.visit_counts
+    torch.testing.assert_close(logits.grad, counts.sum(-1, keepdim=True) * torch.softmax(logits, -1).detach() - counts)
+    torch.testing.assert_close(value.grad, out.root_value)
+
+
 def test_q_normaliser():
     bounds = torch.tensor([[math.inf, -math.inf], [2.0, 2.0], [-1.0, 3.0], [1e9, 3e9]])
     scale, shift = M.q_normaliser(bounds)
