@@ -29,6 +29,7 @@ import math
 import os
 import pickle
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -1305,9 +1306,11 @@ def wait_until(condition, shared, poll=0.002):
 
 def process_entry(role, index, body, args, shared, *extra):
     """Run one process's loop; any error stops the run and reaches the launcher with its traceback."""
-    import signal
     import traceback
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the launcher, which stops everyone in order
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group; the launcher alone acts on
+    # them and stops everyone in order, so that the final checkpoint gets written
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_float32_matmul_precision("high")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // (2 + args.reanalyze_workers + len(extra[0].trainers))))
     try:
@@ -1571,15 +1574,12 @@ def report_failure(shared, failed):
 
 
 def shutdown(processes, grace=5.0):
-    """Give processes `grace` seconds to finish (they watch the STOP counter), then terminate and kill."""
+    """Give processes `grace` seconds to finish (they watch the STOP counter), then kill them
+    (SIGKILL: workers ignore SIGTERM, see process_entry)."""
     deadline = time.time() + grace
     for p in processes:
         p.join(max(0.0, deadline - time.time()))
     for p in processes:
-        if p.is_alive():
-            p.terminate()
-    for p in processes:
-        p.join(2)
         if p.is_alive():
             p.kill()
             p.join()
@@ -1813,6 +1813,9 @@ def main(argv=None):
     args = parse_args(argv)
     layout = plan_layout(args)
     torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it; no effect on CPU
+    # SIGTERM (a cluster scheduler's preemption, or torchrun stopping its workers) stops the run
+    # the way Ctrl-C does: every process stops and a checkpoint is written.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if layout is None:
             train(args)

@@ -1140,7 +1140,8 @@ def test_torchrun_two_nodes(tmp_path):
 def start_layout(tmp_path, *flags):
     process = subprocess.Popen([PYTHON, "muzero_nce.py", *LAYOUT, "--total-env-steps", "100000",
                                 "--run-dir", str(tmp_path / "run"), *flags], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                               start_new_session=True)  # its own process group, as under a terminal
     pids, lines = {}, []
     for line in process.stdout:
         lines.append(line)
@@ -1177,10 +1178,11 @@ def test_failed_trainer_brings_the_run_down(tmp_path, how):
     assert not [name for name, pid in pids.items() if alive(pid)]
 
 
-def test_sigint_stops_everything_and_checkpoints(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_stops_everything_and_checkpoints(tmp_path, sig):
     process, pids, _ = start_layout(tmp_path)
     start = time.time()
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, sig)  # to the whole group, as a terminal's Ctrl-C or a scheduler does
     output = process.communicate(timeout=90)[0]
     assert process.returncode == 130 and time.time() - start < 30, output
     assert "interrupted: stopping all processes and saving a checkpoint" in output
@@ -1260,14 +1262,15 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=False) == {"updates": 1}
 
 
-def test_sigint_in_the_single_process_checkpoints(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_in_the_single_process_checkpoints(tmp_path, sig):
     process = subprocess.Popen([PYTHON, "muzero_nce.py", *TINY, "--total-env-steps", "100000", "--run-dir",
                                 str(tmp_path / "run")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env=ENV)
     for line in process.stdout:
         if line.startswith("env 80 "):
             break
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     output = process.communicate(timeout=60)[0]
     assert process.returncode == 130 and "interrupted: checkpoint saved" in output, output
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["counters"]["env_steps"] >= 80
