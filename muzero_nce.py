@@ -1534,7 +1534,7 @@ def launch(args, layout):
                 shutdown(processes)
                 sys.exit(1)
             steps = int(shared.counters[ENV_STEPS])
-            if steps // args.log_interval > last // args.log_interval:
+            if steps // args.log_interval > last // args.log_interval or progress.overdue():
                 print_progress(progress, shared, steps)
             last = steps
             time.sleep(0.1)
@@ -1598,6 +1598,11 @@ class Progress:
             self.writer.add_text("args", "\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
         self.returns, self.eval_return, self.loss = [], None, None
         self.mark = (time.time(), 0, 0, 0)
+
+    def overdue(self, seconds=60):
+        """True when the last line is older than `seconds`: then a line is printed anyway, so a
+        slow run (the CPU at the default settings) never looks hung."""
+        return time.time() - self.mark[0] > seconds
 
     def scalars(self, values, step):
         for tag, value in values.items():
@@ -1765,11 +1770,16 @@ def train(args, env_fn=None):
             steps, final = counters["env_steps"], counters["env_steps"] >= args.total_env_steps
             while learner.updates < updates_allowed(steps, counters["start_steps"], counters["base_updates"], args):
                 metrics = update(beta=args.priority_beta + (1 - args.priority_beta) * done)
+                if progress.overdue():
+                    progress.loss = float(metrics["losses/total"])
+                    progress.line(steps, learner.updates, counters["sims"])
             if (args.eval_interval and crossed(steps, E, args.eval_interval)) or final:
                 run_evaluation(net.eval(), env_fn, args, device, steps, progress)
             if crossed(steps, E, args.log_interval) or final:
                 progress.loss = float(metrics["losses/total"]) if metrics else None
                 progress.scalars({**metrics, **search_stats(actor)}, steps)
+                progress.line(steps, learner.updates, counters["sims"])
+            elif progress.overdue():
                 progress.line(steps, learner.updates, counters["sims"])
             if crossed(steps, E, args.checkpoint_interval) or final:
                 save(os.path.join(run_dir, "checkpoint.pt"))

@@ -996,6 +996,18 @@ def test_zero_simulations_runs(tmp_path):
                 for g in range(episodes + 1) for d in range(episodes + 1 - g)}
     assert round(result["eval_return"], 6) in possible
 
+def test_slow_runs_still_print_progress(tmp_path, monkeypatch, capsys):
+    """With --log-interval out of reach, a line still comes once the last is `overdue` (a
+    minute; here 0 s, so after every actor step and every update): the CPU at the default
+    settings would otherwise stay silent for hours."""
+    args = corridor_args(tmp_path, seed=3, **{"--total-env-steps": 800, "--train-steps-per-env-step": 0.05})
+    monkeypatch.setattr(M.Progress.overdue, "__defaults__", (0.0,))
+    result = M.train(args, env_fn)
+    lines = [line for line in capsys.readouterr().out.splitlines() if re.match(r"env \d", line)]
+    assert result["updates"] > 0 and len(lines) >= 800 // 32 + result["updates"]
+    assert all(re.match(r"env [\d,]+ \| [\d,]+ env/s \| [\d.,]+k sims/s \| [\d.,]+ upd/s", line) for line in lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs: the command line, exact resume, failing safely, the process layout
 # ---------------------------------------------------------------------------------------------
