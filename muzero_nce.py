@@ -45,6 +45,11 @@ from torch import Tensor
 # ---------------------------------------------------------------------------------------------
 # 1. Arguments
 # ---------------------------------------------------------------------------------------------
+def fail(message):
+    """Bad input ends the run with one line naming the value and what would be valid."""
+    sys.exit(f"muzero_nce.py: error: {message}")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints the whole usage block on a bad value; a user wants the one line."""
 
@@ -212,7 +217,6 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    fail = lambda message: sys.exit(f"muzero_nce.py: error: {message}")
     if args.local_target_net and args.search_value_targets:
         fail("--local-target-net computes bootstrap values on the trainer; it needs --no-search-value-targets")
     if args.batch_size_per_worker > args.buffer_size:
@@ -241,9 +245,9 @@ def resolve_device(name):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"muzero_nce.py: error: --device {name} but torch sees no CUDA device (use cpu)")
+        fail(f"--device {name} but torch sees no CUDA device (use cpu)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        sys.exit(f"muzero_nce.py: error: --device {name} but this machine has {torch.cuda.device_count()} GPU(s)")
+        fail(f"--device {name} but this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -293,7 +297,7 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path):
     if not os.path.isfile(path):
-        sys.exit(f"muzero_nce.py: error: --resume {path}: no such checkpoint file")
+        fail(f"--resume {path}: no such checkpoint file")
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -326,7 +330,7 @@ def check_game(game):
         close = difflib.get_close_matches(game.lower().replace("-", "_"), games, n=4, cutoff=0.5)
         hint = (f"closest: {', '.join(close)}" if close
                 else f"valid names are snake_case ROM ids such as {', '.join(games[:4])}")
-        sys.exit(f"muzero_nce.py: error: unknown game '{game}'; {hint}")
+        fail(f"unknown game '{game}'; {hint}")
 
 
 def make_atari_env_fn(args):
@@ -356,7 +360,7 @@ def env_spec(envs):
     """Frame shape [C, H, W], stack depth and action count of a vector env (the contract above)."""
     space, actions = envs.single_observation_space, envs.single_action_space
     if space.dtype != np.uint8 or len(space.shape) not in (3, 4) or not hasattr(actions, "n"):
-        sys.exit(f"muzero_nce.py: error: the env gives {space.dtype} observations of shape {space.shape} and "
+        fail(f"the env gives {space.dtype} observations of shape {space.shape} and "
                  f"{type(actions).__name__} actions; it needs uint8 [stack, H, W] or [stack, H, W, C] and Discrete")
     shape = space.shape
     stack, (height, width), colours = shape[0], shape[1:3], (shape[3] if len(shape) == 4 else 1)
@@ -1129,15 +1133,14 @@ class Learner:
         losses = {name: (term * weights).mean() for name, term in terms.items()}
         loss = sum(self.loss_weights[name] * value for name, value in losses.items())
         values = torch.stack([loss, *losses.values()]).detach()
+        detail = lambda: ", ".join(f"{name}={float(v):.4g}" for name, v in zip(["total", *losses], values))
         if not torch.isfinite(values).all():
-            detail = ", ".join(f"{name}={float(v):.4g}" for name, v in zip(["total", *losses], values))
-            raise NonFiniteError(f"non-finite loss at update {self.updates + 1} ({detail})")
+            raise NonFiniteError(f"non-finite loss at update {self.updates + 1} ({detail()})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), args.max_grad_norm)
         if not torch.isfinite(grad_norm):
-            raise NonFiniteError(f"non-finite gradient at update {self.updates + 1} (losses: "
-                                 + ", ".join(f"{name}={float(v):.4g}" for name, v in losses.items()) + ")")
+            raise NonFiniteError(f"non-finite gradient at update {self.updates + 1} (losses: {detail()})")
         self.optimizer.step()
         self.updates += 1
         if self.updates % args.target_update_interval == 0:
@@ -1197,10 +1200,6 @@ class AtariEnvFn:
         return make_atari_env_fn(self.args)(num_envs)
 
 
-def layout_error(message):
-    sys.exit(f"muzero_nce.py: error: {message}")
-
-
 def plan_layout(args):
     """Where each process runs, or None for the single process. Impossible requests are
     one-line errors here, before anything starts."""
@@ -1209,17 +1208,17 @@ def plan_layout(args):
     if args.device == "cpu" and args.num_gpus is None:
         gpus = 0  # --device cpu: no GPU, whatever the machine has
     if gpus > visible:
-        layout_error(f"--num-gpus {gpus} but this machine has {visible} GPU(s)")
+        fail(f"--num-gpus {gpus} but this machine has {visible} GPU(s)")
     if args.devices:
         devices = [d.strip() for d in args.devices.split(",") if d.strip()]
         for d in devices:
             if d != "cpu" and not (d.startswith("cuda:") and d[5:].isdigit()):
-                layout_error(f"--devices entry '{d}' is not cpu or cuda:N")
+                fail(f"--devices entry '{d}' is not cpu or cuda:N")
             if d.startswith("cuda:") and int(d[5:]) >= visible:
-                layout_error(f"--devices entry '{d}' but this machine has {visible} GPU(s)")
+                fail(f"--devices entry '{d}' but this machine has {visible} GPU(s)")
         trainers = len(devices) - 1 - args.reanalyze_workers
         if trainers < 1 or (args.num_trainers is not None and args.num_trainers != trainers):
-            layout_error(f"--devices lists {len(devices)} devices; it needs 1 actor + {args.reanalyze_workers} "
+            fail(f"--devices lists {len(devices)} devices; it needs 1 actor + {args.reanalyze_workers} "
                          f"reanalyze + {args.num_trainers or 'at least 1'} trainer(s)")
         R = args.reanalyze_workers
         actor, reanalyze, trainer_devices = devices[0], devices[1:1 + R], devices[1 + R:]
@@ -1231,19 +1230,19 @@ def plan_layout(args):
             return None
         if gpus and trainers > len(slots):
             where = "GPUs 0.." if gpu_0_train else "GPUs 1.."
-            layout_error(f"--num-trainers {trainers} needs one GPU each but {where}{gpus - 1} give {len(slots)} "
+            fail(f"--num-trainers {trainers} needs one GPU each but {where}{gpus - 1} give {len(slots)} "
                          f"(use --gpu-0-train, fewer trainers, or --devices)")
         actor = "cuda:0" if gpus else "cpu"
         reanalyze = [actor] * args.reanalyze_workers
         trainer_devices = slots[:trainers] if gpus else ["cpu"] * trainers
     if args.reanalyze_fraction > 0 and args.num_simulations > 0 and not reanalyze:
-        layout_error("--reanalyze-fraction > 0 needs --reanalyze-workers >= 1 in the process layout")
+        fail("--reanalyze-fraction > 0 needs --reanalyze-workers >= 1 in the process layout")
     distinct_gpus = (all(d.startswith("cuda") for d in trainer_devices)
                      and len(set(trainer_devices)) == len(trainer_devices))
     layout = Layout(actor, reanalyze, trainer_devices, "nccl" if distinct_gpus else "gloo")
     if "TORCHELASTIC_RUN_ID" in os.environ or "GROUP_RANK" in os.environ:  # launched by torchrun
         if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) != 1:
-            layout_error("under torchrun use --nproc-per-node 1: each node's process starts its own layout")
+            fail("under torchrun use --nproc-per-node 1: each node's process starts its own layout")
         port = int(os.environ["MASTER_PORT"]) + 1
         layout = layout._replace(node_rank=int(os.environ["RANK"]), num_nodes=int(os.environ["WORLD_SIZE"]),
                                  master=f"tcp://{os.environ['MASTER_ADDR']}:{port}")
@@ -1287,6 +1286,16 @@ class Shared:
             return int(self.counters[VERSION])
 
 
+def fresh_counters(args):
+    """Progress counters of a new run: training starts once --learning-starts env steps are in."""
+    return {"env_steps": 0, "start_steps": args.learning_starts, "base_updates": 0, "sims": 0}
+
+
+def warm_up_again(counters, args, updates):
+    """A resume without its buffer refills it for --learning-starts env steps before training on."""
+    counters.update(start_steps=counters["env_steps"] + args.learning_starts, base_updates=updates)
+
+
 def updates_allowed(env_steps, start_steps, base_updates, args):
     """Updates the replay ratio allows after `env_steps`: none before the buffer is warm
     (`start_steps`), then --train-steps-per-env-step for every env step including that one."""
@@ -1321,10 +1330,10 @@ def process_entry(role, index, body, args, shared, *extra):
         sys.exit(1)
 
 
-def training_backlog(shared, args):
-    """Updates the replay ratio allows by now that the trainers have not done yet."""
-    c = shared.counters
-    return updates_allowed(int(c[ENV_STEPS]), int(c[START_STEPS]), int(c[BASE_UPDATES]), args) - int(c[UPDATES])
+def updates_allowed_now(counters, args):
+    """updates_allowed for the env steps the shared counters hold."""
+    c = counters
+    return updates_allowed(int(c[ENV_STEPS]), int(c[START_STEPS]), int(c[BASE_UPDATES]), args)
 
 
 def on_device(name):
@@ -1346,7 +1355,8 @@ def actor_process(args, shared, index, layout):
     counters, E = shared.counters, args.num_envs
     max_backlog = 2 * E * args.train_steps_per_env_step + 1  # the actor runs at most two steps ahead of training
     while int(counters[ENV_STEPS]) < args.total_env_steps:
-        if not wait_until(lambda: training_backlog(shared, args) <= max_backlog, shared):
+        backlog = lambda: updates_allowed_now(counters, args) - int(counters[UPDATES])  # updates not done yet
+        if not wait_until(lambda: backlog() <= max_backlog, shared):
             break
         version = shared.fetch(acting, version)
         steps = int(counters[ENV_STEPS])
@@ -1415,8 +1425,7 @@ def trainer_process(args, shared, index, layout):
     collective_device = device if layout.backend == "nccl" else torch.device("cpu")
 
     def credit():  # updates the replay ratio allows beyond those done
-        c = counters
-        return updates_allowed(int(c[ENV_STEPS]), int(c[START_STEPS]), int(c[BASE_UPDATES]), args) - learner.updates
+        return updates_allowed_now(counters, args) - learner.updates
 
     def reanalyze_kept_pace():
         return not layout.reanalyze or int(counters[REANALYZED]) >= args.reanalyze_fraction * learner.updates * B * T
@@ -1443,10 +1452,10 @@ def trainer_process(args, shared, index, layout):
         if args.fault_after is not None and rank == world - 1 and learner.updates >= args.fault_after:
             raise RuntimeError(f"fault injected by --fault-after {args.fault_after} at update {learner.updates}")
         steps = int(counters[ENV_STEPS])
-        if rank == 0 and steps // args.log_interval > last_logged // args.log_interval:
+        if rank == 0 and crossed(steps, steps - last_logged, args.log_interval):
             shared.stats[LOSS] = float(metrics["losses/total"])
             progress.scalars(metrics, steps)
-        if rank == 0 and steps // args.checkpoint_interval > last_logged // args.checkpoint_interval:
+        if rank == 0 and crossed(steps, steps - last_logged, args.checkpoint_interval):
             save_run(os.path.join(run_dir, "checkpoint.pt"), args, learner, shared.weights, counters_dict(counters),
                      buffer)
         last_logged = steps
@@ -1496,7 +1505,7 @@ def launch(args, layout):
     seed_everything(args.seed)
     weights = MuZeroNet(frame_shape, stack, num_actions, args).eval()
     shared = Shared(ctx, args, frame_shape, stack, num_actions, weights)
-    counters = {"env_steps": 0, "start_steps": args.learning_starts, "base_updates": 0, "sims": 0}
+    counters = fresh_counters(args)
     if args.resume:
         state = load_checkpoint(args.resume)
         weights.load_state_dict(state["acting"])
@@ -1505,7 +1514,7 @@ def launch(args, layout):
             shared.buffer.load_state_dict(state["buffer"])
             mark_cut_episodes(shared.buffer)
         else:  # an empty buffer warms up again before training resumes
-            counters.update(start_steps=counters["env_steps"] + args.learning_starts, base_updates=state["updates"])
+            warm_up_again(counters, args, state["updates"])
         shared.counters[UPDATES] = shared.counters[VERSION] = state["updates"]
     names = (("env_steps", ENV_STEPS), ("start_steps", START_STEPS), ("base_updates", BASE_UPDATES), ("sims", SIMS))
     for name, index in names:
@@ -1534,7 +1543,7 @@ def launch(args, layout):
                 shutdown(processes)
                 sys.exit(1)
             steps = int(shared.counters[ENV_STEPS])
-            if steps // args.log_interval > last // args.log_interval or progress.overdue():
+            if crossed(steps, steps - last, args.log_interval) or progress.overdue():
                 print_progress(progress, shared, steps)
             last = steps
             time.sleep(0.1)
@@ -1732,7 +1741,7 @@ def train(args, env_fn=None):
                           args.td_steps, args.priority_alpha)
     sampler, noise = make_generator("cpu", args.seed + 1), make_generator(device, args.seed + 3)
     actor = Actor(envs, buffer, args, device, make_generator(device, args.seed + 2), args.seed)
-    counters = {"env_steps": 0, "start_steps": args.learning_starts, "base_updates": 0, "sims": 0}
+    counters = fresh_counters(args)
     run_dir = default_run_dir(args)
     if args.resume:
         envs = resume(args.resume, learner, acting, counters, buffer, actor, [sampler, actor.generator, noise], envs)
@@ -1804,7 +1813,7 @@ def resume(path, learner, acting, counters, buffer, actor, generators, envs):
     acting.load_state_dict(state["acting"])
     counters.update(state["counters"])
     if "buffer" not in state:
-        counters.update(start_steps=counters["env_steps"] + learner.args.learning_starts, base_updates=learner.updates)
+        warm_up_again(counters, learner.args, learner.updates)
         actor.reset(learner.args.seed + counters["env_steps"])
         return envs
     buffer.load_state_dict(state["buffer"])
@@ -1832,7 +1841,7 @@ def main(argv=None):
         else:
             launch(args, layout)
     except NonFiniteError as error:
-        sys.exit(f"muzero_nce.py: error: {error}; the last checkpoint is untouched")
+        fail(f"{error}; the last checkpoint is untouched")
     except KeyboardInterrupt:
         sys.exit(130)
 
