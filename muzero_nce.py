@@ -101,7 +101,15 @@ def build_parser():
     g.add_argument("--sticky-actions", type=fraction, default=0.0,
                    help="probability of repeating the previous action (0: the Atari-100k protocol)")
     g.add_argument("--noop-max", type=non_negative_int, default=30, help="up to this many no-ops at reset")
-    g.add_argument("--max-episode-frames", type=positive_int, default=108_000, help="episode cap in frames (30 min)")
+    g.add_argument("--max-episode-frames", type=positive_int, default=108_000,
+                   help="evaluation episode cap in frames (30 min: whole games)")
+    g.add_argument("--train-episode-frames", type=positive_int, default=12_000,
+                   help="training episode cap in frames (EfficientZero: 12,000); a cut episode still bootstraps")
+    g.add_argument("--episodic-life", action=argparse.BooleanOptionalAction, default=True,
+                   help="a lost life ends the training episode for the value targets; the game goes on "
+                        "(EfficientZero; evaluation always plays whole games)")
+    g.add_argument("--clip-rewards", action=argparse.BooleanOptionalAction, default=True,
+                   help="train on the sign of each reward (EfficientZero); returns are reported unclipped")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=1, help="seeds torch, the envs and every sampler")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when there is one)")
@@ -110,7 +118,8 @@ def build_parser():
     g.add_argument("--learning-starts", type=non_negative_int, default=2_000,
                    help="env steps collected before training")
     g.add_argument("--train-steps-per-env-step", type=non_negative_float, default=1.0,
-                   help="replay ratio: trainer updates per env step, held fixed whatever the hardware")
+                   help="replay ratio: updates (batches of --batch-size-per-worker sequences) per env step, held "
+                        "fixed whatever the hardware; W DDP trainers make one optimiser step of W batches per W updates")
     g.add_argument("--eval-interval", type=non_negative_int, default=20_000,
                    help="env steps between evaluations (0: only at the end)")
     g.add_argument("--eval-episodes", type=positive_int, default=32, help="episodes per evaluation, played in parallel")
@@ -130,13 +139,20 @@ def build_parser():
     g.add_argument("--eval-simulations", type=non_negative_int, default=50, help="simulations per move when evaluating")
     g.add_argument("--c1", type=non_negative_float, default=1.25, help="pUCT exploration constant")
     g.add_argument("--c2", type=positive_float, default=19652.0, help="pUCT visit-count scale (MuZero's c2)")
-    g.add_argument("--discount", type=fraction, default=0.997, help="discount per agent step")
+    g.add_argument("--discount", type=fraction, default=0.997 ** 4,
+                   help="discount per agent step (EfficientZero: 0.997 per frame, so 0.997^4 for 4 frames)")
+    g.add_argument("--min-q-span", type=non_negative_float, default=0.01,
+                   help="floor on the span of the min-max Q normalisation (EfficientZero's value_delta_max): "
+                        "tiny differences between Q values are not blown up to [0, 1]")
     g.add_argument("--dirichlet-alpha", type=positive_float, default=0.3, help="root noise concentration when acting")
     g.add_argument("--dirichlet-fraction", type=fraction, default=0.25, help="root noise weight when acting")
     g = p.add_argument_group("replay and targets")
     g.add_argument("--buffer-size", type=positive_int, default=100_000, help="env steps kept (each frame stored once)")
     g.add_argument("--jumps", type=non_negative_int, default=5, help="unroll steps K of the dynamics in training")
     g.add_argument("--td-steps", type=positive_int, default=5, help="n of the n-step value target")
+    g.add_argument("--auto-td-steps-ratio", type=non_negative_float, default=0.3,
+                   help="off-policy correction (EfficientZero): n shrinks by 1 for every ratio x --total-env-steps "
+                        "env steps of a sample's age, down to 1 (0: off)")
     g.add_argument("--priority-alpha", type=non_negative_float, default=0.6, help="prioritised replay exponent")
     g.add_argument("--priority-beta", type=fraction, default=0.4, help="importance-weight exponent, annealed to 1")
     g.add_argument("--search-value-targets", action=argparse.BooleanOptionalAction, default=True,
@@ -149,7 +165,9 @@ def build_parser():
     g.add_argument("--reanalyze-fraction", type=fraction, default=1.0,
                    help="fraction of trained sequences whose policy and value targets are refreshed by a new search")
     g = p.add_argument_group("losses and optimiser")
-    g.add_argument("--batch-size-per-worker", type=positive_int, default=200, help="sequences per update per trainer")
+    g.add_argument("--batch-size-per-worker", type=positive_int, default=200,
+                   help="sequences per update; each trainer samples its own batch and DDP averages the W batches' "
+                        "gradients in one step, which counts as W updates")
     g.add_argument("--policy-loss-weight", type=non_negative_float, default=1.0,
                    help="weight of the policy cross-entropy")
     g.add_argument("--value-loss-weight", type=non_negative_float, default=0.25,
@@ -162,7 +180,11 @@ def build_parser():
     g.add_argument("--nce-temperature", type=positive_float, default=0.1, help="temperature of the InfoNCE logits")
     g.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
                    help="sgd with momentum (EfficientZero) or adamw (the original)")
-    g.add_argument("--lr", type=positive_float, default=0.2, help="peak learning rate")
+    g.add_argument("--lr", type=positive_float, default=None,
+                   help="peak learning rate (default: 0.2 with sgd, as EfficientZero; 3e-4 with adam, as the original)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random shift (up to 4 pixels) and intensity augmentation of the observations the "
+                        "learner sees, NCE targets included (EfficientZero)")
     g.add_argument("--lr-warmup-steps", type=non_negative_int, default=1_000, help="linear warm-up updates")
     g.add_argument("--lr-decay-steps", type=positive_int, default=100_000,
                    help="updates per step decay of the learning rate")
@@ -202,16 +224,33 @@ def build_parser():
     return p
 
 
+# What a checkpoint's tensors are shaped by: these flags cannot change when a run resumes.
+FIXED_ON_RESUME = ("game", "grayscale", "channels", "blocks", "reduced_channels", "head_hidden", "support_size",
+                   "proj_hidden", "proj_dim", "pred_hidden", "nce", "optimizer")
+FIXED_WITH_BUFFER = ("num_envs", "buffer_size")  # also fixed when the checkpoint holds the buffer
+
+
 def parse_args(argv=None):
-    """Parse flags; with --resume the saved flags come back, overridden by those given now."""
+    """Parse flags; with --resume the saved flags come back, overridden by those given now
+    (flags added since the checkpoint was written take their defaults)."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if args.resume:
-        saved = load_checkpoint(args.resume)["args"]
+        state = load_checkpoint(args.resume)
         parser = build_parser()
         for action in parser._actions:  # parse again, keeping only the flags actually given
             action.default = argparse.SUPPRESS
-        args = argparse.Namespace(**{**saved, **vars(parser.parse_args(argv))})
+        given = vars(parser.parse_args(argv))
+        fixed = FIXED_ON_RESUME + (FIXED_WITH_BUFFER if "buffer" in state else ())
+        for name in fixed:
+            if name in given and given[name] != state["args"].get(name):
+                flag = "--" + name.replace("_", "-")
+                fail(f"--resume {args.resume}: saved with {flag}={state['args'].get(name)}, which cannot change on "
+                     f"resume (given {flag}={given[name]}); these are fixed: "
+                     + ", ".join("--" + n.replace("_", "-") for n in fixed))
+        args = argparse.Namespace(**{**vars(args), **state["args"], **given})
+    if args.lr is None:  # SGD's 0.2 would blow Adam up
+        args.lr = 0.2 if args.optimizer == "sgd" else 3e-4
     check_args(args)
     return args
 
@@ -282,9 +321,11 @@ def scalar_to_support(x, support_size):
 
 
 def support_to_scalar(logits, support_size):
-    """Categorical logits [..., 2n+1] -> scalars [...]: the expectation in h-space, then h^-1."""
-    atoms = torch.arange(-support_size, support_size + 1, device=logits.device, dtype=torch.float32)
-    return h_inverse((torch.softmax(logits.float(), -1) * atoms).sum(-1))
+    """Categorical logits [..., 2n+1] -> scalars [...]: the expectation in h-space, then h^-1.
+    Both in float64: in float32 the sum over 601 atoms and the cancellation inside h^-1 each
+    leave errors of ~1e-5, enough to give a value near 0 the wrong sign."""
+    atoms = torch.arange(-support_size, support_size + 1, device=logits.device, dtype=torch.float64)
+    return h_inverse((torch.softmax(logits.float(), -1).double() * atoms).sum(-1)).float()
 
 
 def save_checkpoint(path, state):
@@ -295,10 +336,22 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+CHECKPOINT_KEYS = ("args", "net", "target", "optimizer", "updates", "acting", "counters")
+
+
 def load_checkpoint(path):
+    """The checkpoint dict at `path`, or a one-line error saying what is wrong with the file."""
     if not os.path.isfile(path):
         fail(f"--resume {path}: no such checkpoint file")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated, or not a torch file at all
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        fail(f"--resume {path}: cannot read the checkpoint (truncated or not a checkpoint: {reason})")
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        fail(f"--resume {path}: not a checkpoint of this script (no {', '.join(missing)})")
+    return state
 
 
 def learning_rate(args, update):
@@ -333,17 +386,21 @@ def check_game(game):
         fail(f"unknown game '{game}'; {hint}")
 
 
-def make_atari_env_fn(args):
-    """96x96 frames, 4 stacked, frameskip 4 with max-pool, up to --noop-max no-ops, full
-    episodes capped at --max-episode-frames, raw rewards (h scales them, no clipping)."""
+def make_atari_env_fn(args, evaluation=False):
+    """96x96 frames, 4 stacked, frameskip 4 with max-pool, up to --noop-max no-ops, raw rewards
+    (the actor clips what it stores, so returns stay real). Training episodes are capped at
+    --train-episode-frames, evaluation plays whole games (--max-episode-frames). The env never
+    ends an episode at a lost life: with --episodic-life the actor marks it from info["lives"],
+    while the game goes on (ALE's own episodic_life would restart the whole game)."""
     check_game(args.game)
+    cap = args.max_episode_frames if evaluation else args.train_episode_frames
 
     def env_fn(num_envs):
         from ale_py.vector_env import AtariVectorEnv
         return AtariVectorEnv(
             args.game, num_envs, img_height=96, img_width=96, grayscale=args.grayscale, stack_num=4,
             frameskip=4, maxpool=True, noop_max=args.noop_max, repeat_action_probability=args.sticky_actions,
-            max_num_frames_per_episode=args.max_episode_frames, reward_clipping=False, episodic_life=False,
+            max_num_frames_per_episode=cap, reward_clipping=False, episodic_life=False,
             use_fire_reset=False, autoreset_mode="NextStep", num_threads=min(num_envs, os.cpu_count() or 1))
     return env_fn
 
@@ -401,7 +458,7 @@ def mlp(sizes, zero_last=False):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers += [nn.BatchNorm1d(b), nn.ReLU()]
-    if zero_last:  # value and reward start at exactly 0 (EfficientZero's init_zero)
+    if zero_last:  # EfficientZero's init_zero: values and rewards start at 0, the prior uniform
         nn.init.zeros_(layers[-1].weight)
         nn.init.zeros_(layers[-1].bias)
     return nn.Sequential(*layers)
@@ -462,7 +519,7 @@ class Prediction(nn.Module):
     def __init__(self, channels, num_actions, blocks, reduced, hidden, support, latent_hw):
         super().__init__()
         self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(blocks)])
-        self.policy = Head(channels, reduced, latent_hw, hidden, num_actions)
+        self.policy = Head(channels, reduced, latent_hw, hidden, num_actions, zero_last=True)
         self.value = Head(channels, reduced, latent_hw, hidden, 2 * support + 1, zero_last=True)
 
     def forward(self, latent):
@@ -552,9 +609,9 @@ def make_recurrent_fn(net):
 # for the B new leaves (expand), and adds the leaf values back up the paths (backup). The model
 # enters only through recurrent_fn, so search works with any model and any embedding tensor.
 # Conventions: MuZero's pUCT with c1, c2; Q min-max normalised by the bounds seen in each
-# whole tree (MuZero's scheme, not mctx's parent-and-siblings); an unvisited action's Q is its
-# parent's mean value; the root's own evaluation counts as its first visit, so a node's visit
-# count is 1 + the sum of its children's.
+# whole tree (MuZero's scheme, not mctx's parent-and-siblings), the span floored at min_q_span
+# (EfficientZero); an unvisited action's Q is its parent's mean value; the root's own
+# evaluation counts as its first visit, so a node's visit count is 1 + the sum of its children's.
 
 class SearchOutput(NamedTuple):
     visit_counts: Tensor  # [B, A] visits of the root's children
@@ -594,13 +651,15 @@ def init_tree(prior, value, embedding, num_nodes):
     return Tree(nodes, edges, children, embeddings, bounds)
 
 
-def q_normaliser(bounds):
+def q_normaliser(bounds, min_span):
     """Scale and shift [B, 1] mapping each tree's [min, max] of Q onto [0, 1]. Until a tree has
     seen two different Q values, every Q maps to 0 and the prior alone decides: no division
-    by zero when all values are equal, and no blow-up when they are huge."""
+    by zero when all values are equal, and no blow-up when they are huge. The span is floored
+    at `min_span` (EfficientZero's value_delta_max): Q values that differ by a rounding error
+    are not stretched into the whole [0, 1] and allowed to outweigh the prior."""
     span = bounds[:, 1:] - bounds[:, :1]
     seen = span > 0
-    scale = torch.where(seen, 1 / torch.where(seen, span, 1.0), 0.0)
+    scale = torch.where(seen, 1 / torch.where(seen, span.clamp(min=min_span), 1.0), 0.0)
     return scale, torch.where(seen, -bounds[:, :1] * scale, 0.0)
 
 
@@ -625,11 +684,11 @@ def puct_scores(tree, rows, discount, explore, scale, shift):
     return torch.addcdiv(torch.addcmul(shift, q, scale).clamp_(0, 1), c * prior, n + 1)
 
 
-def select(tree, roots, discount, explore):
+def select(tree, roots, discount, explore, min_span):
     """Walk down all trees from their roots [B] by pUCT until the chosen action is unexpanded.
     Returns the path [B, D] (node rows; past a tree's depth, its last node repeats), the
     actions taken along it [B, D] (past the depth, the leaf's action repeats), and the depth [B]."""
-    scale, shift = q_normaliser(tree.bounds)
+    scale, shift = q_normaliser(tree.bounds, min_span)
     children = tree.children.view(-1)
     A = tree.children.shape[-1]
     rows, active, path, actions, descended = roots, None, [], [], []
@@ -707,7 +766,7 @@ def dirichlet_noise(prior, alpha, fraction, generator=None):
     return (1 - fraction) * prior + fraction * gamma / gamma.sum(-1, keepdim=True)
 
 
-def simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount, c1, c2):
+def simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount, c1, c2, min_span):
     """Grow B trees by num_simulations simulations from their roots: prior [B, A] (noised
     already), root_value [B], root_embedding [B, ...]. Returns the Tree."""
     B, A = prior.shape
@@ -718,7 +777,7 @@ def simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, d
     roots = torch.arange(B, device=prior.device) * N                             # node rows of the roots
     embeddings = tree.embedding.view((B * N,) + tree.embedding.shape[2:])
     for sim in range(1, N):
-        path, actions, depth = select(tree, roots, discount, explore)
+        path, actions, depth = select(tree, roots, discount, explore, min_span)
         leaf, action = path[:, -1], actions[:, -1]                               # [B] each
         reward, value, logits, embedding = recurrent_fn(embeddings.index_select(0, leaf), action)
         expand(tree, sim, leaf, action, reward.float(), logits, embedding)
@@ -728,7 +787,8 @@ def simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, d
 
 @torch.no_grad()
 def search(root_logits, root_value, root_embedding, recurrent_fn, num_simulations, *, discount=0.997,
-           c1=1.25, c2=19652.0, dirichlet_alpha=0.3, dirichlet_fraction=0.25, temperature=0.0, generator=None):
+           c1=1.25, c2=19652.0, min_q_span=0.01, dirichlet_alpha=0.3, dirichlet_fraction=0.25, temperature=0.0,
+           generator=None):
     """Batched MCTS. root_logits [B, A], root_value [B], root_embedding [B, ...];
     recurrent_fn(embedding, action) -> (reward [B], value [B], logits [B, A], next embedding).
     With 0 simulations the policy is the (noised) prior itself. With dirichlet_fraction=0 the
@@ -742,7 +802,8 @@ def search(root_logits, root_value, root_embedding, recurrent_fn, num_simulation
     # Inference mode drops the autograd bookkeeping that no_grad still does on every op (version
     # counters, view tracking): a fifth of the search's time at B = 64, where small ops dominate.
     with torch.inference_mode():
-        tree = simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount, c1, c2)
+        tree = simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount, c1, c2,
+                        min_q_span)
         visit_counts = tree.edges[:, 0, VISITS]
         root_value = tree.nodes[:, 0, VALUE_SUM] / tree.nodes[:, 0, VISITS]
     # cloned outside inference mode they are normal tensors, fit to be training targets
@@ -884,6 +945,22 @@ def stack_observations(frames, episode_step, stack):
     return (stacks * keep[..., None, None, None]).flatten(2, 3)
 
 
+def augment(obs, generator=None, shift=4, intensity=0.05):
+    """EfficientZero's augmentation of what the learner sees: obs [B, P, S*C, H, W] uint8 ->
+    float on the same 0..255 scale. Each sample gets one random shift of up to `shift` pixels
+    (replicate-pad, then crop) and one brightness factor 1 + intensity * clip(N(0, 1), -2, 2),
+    the same for all its P positions, so the unrolled latents and their NCE targets stay aligned."""
+    B, P, C, H, W = obs.shape
+    device = obs.device
+    offset = torch.randint(-shift, shift + 1, (2, B, 1), device=device, generator=generator)
+    rows = (torch.arange(H, device=device) + offset[0]).clamp(0, H - 1)              # [B, H]
+    cols = (torch.arange(W, device=device) + offset[1]).clamp(0, W - 1)              # [B, W]
+    out = obs.gather(3, rows[:, None, None, :, None].expand(B, P, C, H, W))
+    out = out.gather(4, cols[:, None, None, None, :].expand(B, P, C, H, W))
+    noise = torch.randn(B, device=device, generator=generator).clamp(-2, 2)
+    return out.float() * (1 + intensity * noise)[:, None, None, None, None]
+
+
 class Targets(NamedTuple):
     value: Tensor           # [B, K+1] n-step value targets
     value_mask: Tensor      # [B, K+1]
@@ -895,16 +972,31 @@ class Targets(NamedTuple):
     actions: Tensor         # [B, K]
 
 
+def td_steps_by_age(args, time, steps):
+    """EfficientZero's off-policy correction: each sample's n [B] shrinks by one for every
+    --auto-td-steps-ratio x --total-env-steps env steps (over all envs) since its row was
+    written, down to 1. Old rows were played by an older policy: their long reward sums say
+    little about the current one, so their targets lean sooner on a (reanalysed) value."""
+    if args.auto_td_steps_ratio == 0:
+        return torch.full_like(time, args.td_steps)
+    age = (steps - 1 - time) * args.num_envs                                           # env steps
+    per_step = max(1, int(args.auto_td_steps_ratio * args.total_env_steps))
+    return (args.td_steps - age // per_step).clamp(1, args.td_steps)
+
+
 def n_step_targets(seq, values, unroll_steps, td_steps, discount, stack):
     """Targets for unroll steps k = 0..K of sequences starting at window position S-1.
-    values [B, K+n+1] are the bootstrap values of rows t..t+K+n.
+    values [B, K+n+1] are the bootstrap values of rows t..t+K+n; td_steps is n, or each
+    sample's own n [B] (at most the window's n; see td_steps_by_age).
 
     z_k = sum_{i<h} discount^i r_{t+k+i+1} + discount^h v_{t+k+h},  h = min(n, end - k),
     where `end` is the first final row: after a terminal one the bootstrap term is dropped and
     later steps are absorbing (value and reward 0, no policy target); a truncated one (frame
     cap) bootstraps from its own stored value and masks every target after it."""
-    K, n, o = unroll_steps, td_steps, stack - 1
+    K, o = unroll_steps, stack - 1
     B, device = values.shape[0], values.device
+    n = values.shape[1] - K - 1                                                        # the window's n
+    td = torch.as_tensor(td_steps, device=device).reshape(-1, 1)                       # [B, 1] (or [1, 1])
     terminal, final = seq.terminal[:, o:], (seq.terminal | seq.truncated)[:, o:]     # [B, K+n+1], row t first
     j = torch.arange(K + n + 1, device=device)
     end = torch.where(final, j, K + n + 1).amin(1, keepdim=True)                      # [B, 1]; K+n+1: no end
@@ -914,8 +1006,8 @@ def n_step_targets(seq, values, unroll_steps, td_steps, discount, stack):
     z = torch.zeros(B, K + 1, device=device)
     for i in range(n):
         step = k + i + 1                                                               # reward on reaching t+k+i+1
-        z += discount ** i * rewards[:, step] * (step <= end)
-    horizon = (end - k).clamp(0, n)                                                    # [B, K+1]
+        z += discount ** i * rewards[:, step] * ((step <= end) & (i < td))
+    horizon = torch.minimum((end - k).clamp(min=0), td)                                # [B, K+1]
     bootstrap = values.gather(1, k + horizon) * discount ** horizon.float()
     bootstraps = (k <= end) & ~((k + horizon == end) & ends_terminal)
     z = torch.where(bootstraps, z + bootstrap, z)
@@ -986,17 +1078,27 @@ def run_search(net, obs, args, num_simulations, temperature=0.0, noise=False, ge
     latent, policy_logits, value_logits = net.initial_inference(obs)
     value = support_to_scalar(value_logits, net.support_size)
     out = search(policy_logits, value, latent, make_recurrent_fn(net), num_simulations, discount=args.discount,
-                 c1=args.c1, c2=args.c2, dirichlet_alpha=args.dirichlet_alpha,
+                 c1=args.c1, c2=args.c2, min_q_span=args.min_q_span, dirichlet_alpha=args.dirichlet_alpha,
                  dirichlet_fraction=args.dirichlet_fraction if noise else 0.0, temperature=temperature,
                  generator=generator)
     return out, value
+
+
+def lives_of(info, num_envs):
+    """Lives left per env [E] from a step's info (ALE gives them), or None for envs without lives."""
+    return torch.as_tensor(info["lives"]).long().reshape(num_envs) if "lives" in info else None
 
 
 class Actor:
     """Steps E envs, one batched search per step, and writes every step to the buffer. Row t of
     an env holds observation o_t with the reward and end flags that came with it, then the
     search's policy, value and action at o_t. An episode's last observation is searched too
-    (NEXT_STEP autoreset ignores its action), so a truncated end has a value to bootstrap from."""
+    (NEXT_STEP autoreset ignores its action), so a truncated end has a value to bootstrap from.
+
+    Two kinds of end: the env's own (game over or the frame cap: the env resets at the next
+    step) and, with --episodic-life, a lost life (marked terminal for the value targets, while
+    the game and its frame stack go on; episode_step keeps counting, so rebuilt stacks match).
+    Returns are counted per game, with the env's unclipped rewards."""
 
     def __init__(self, envs, buffer, args, device, generator, seed):
         self.envs, self.buffer, self.args, self.device, self.generator = envs, buffer, args, device, generator
@@ -1006,16 +1108,18 @@ class Actor:
 
     def reset(self, seed):
         E = self.envs.num_envs
-        self.obs, _ = self.envs.reset(seed=seed)
+        self.obs, info = self.envs.reset(seed=seed)
+        self.lives = lives_of(info, E)
         self.reward = torch.zeros(E)
         self.terminal = torch.zeros(E, dtype=torch.bool)
         self.truncated = torch.zeros(E, dtype=torch.bool)
+        self.game_over = torch.zeros(E, dtype=torch.bool)   # the env resets at its next step
         self.episode_step = torch.zeros(E, dtype=torch.long)
         self.episode_return = torch.zeros(E, dtype=torch.float64)
 
     @torch.no_grad()
     def step(self, net, temperature):
-        """One step of all envs. Returns the (return, length) of the episodes that ended."""
+        """One step of all envs. Returns the (return, length) of the games that ended."""
         obs = observation_tensor(self.obs)
         out, value = run_search(net, obs.to(self.device), self.args, self.args.num_simulations, temperature,
                                 noise=True, generator=self.generator)
@@ -1023,18 +1127,25 @@ class Actor:
         frame = obs[:, -self.frame_shape[0]:]  # the newest frame of each stack
         self.buffer.add(frame, self.reward, self.terminal, self.truncated, self.episode_step, action,
                         out.policy.cpu(), out.root_value.cpu(), value.cpu())
-        self.obs, reward, terminal, truncated, _ = self.envs.step(action.numpy())
-        restarted = self.terminal | self.truncated           # these envs just reset
-        self.reward = torch.where(restarted, 0.0, torch.as_tensor(reward, dtype=torch.float32))
-        self.terminal, self.truncated = torch.as_tensor(terminal), torch.as_tensor(truncated)
+        self.obs, reward, terminal, truncated, info = self.envs.step(action.numpy())
+        restarted = self.game_over                           # these envs just reset (their action was ignored)
+        reward = torch.where(restarted, 0.0, torch.as_tensor(reward, dtype=torch.float32))
+        self.game_over = torch.as_tensor(terminal) | torch.as_tensor(truncated)
+        lives, life_lost = lives_of(info, len(reward)), torch.zeros_like(self.game_over)
+        if self.args.episodic_life and lives is not None and self.lives is not None:
+            life_lost = (lives < self.lives) & ~restarted
+        self.lives = lives
+        self.reward = torch.sign(reward) if self.args.clip_rewards else reward
+        self.terminal, self.truncated = torch.as_tensor(terminal) | life_lost, torch.as_tensor(truncated)
         self.episode_step = torch.where(restarted, 0, self.episode_step + 1)
-        self.episode_return = torch.where(restarted, 0.0, self.episode_return) + self.reward
-        ended = (self.terminal | self.truncated).nonzero().flatten().tolist()
+        self.episode_return = torch.where(restarted, 0.0, self.episode_return) + reward
+        ended = self.game_over.nonzero().flatten().tolist()
         return [(float(self.episode_return[i]), int(self.episode_step[i])) for i in ended]
 
     def state_dict(self):
         return {"obs": self.obs, "reward": self.reward, "terminal": self.terminal, "truncated": self.truncated,
-                "episode_step": self.episode_step, "episode_return": self.episode_return}
+                "game_over": self.game_over, "lives": self.lives, "episode_step": self.episode_step,
+                "episode_return": self.episode_return}
 
     def load_state_dict(self, state):
         for name, value in state.items():
@@ -1059,6 +1170,14 @@ def evaluate(net, env_fn, args, device, seed):
         done |= terminal | truncated
     envs.close()
     return returns
+
+
+def sample_batch(buffer, args, env_steps, generator=None):
+    """--batch-size-per-worker prioritised sequence starts: times [B], envs [B], importance
+    weights [B] (beta annealed from --priority-beta to 1 over the run) and each sample's n [B]."""
+    beta = args.priority_beta + (1 - args.priority_beta) * min(1.0, env_steps / args.total_env_steps)
+    time, env, weights = buffer.sample(args.batch_size_per_worker, beta, generator)
+    return time, env, weights, td_steps_by_age(args, time, buffer.steps)
 
 
 REANALYZE_CHUNK = 2048  # trees searched at once; bounds the memory of the nodes' latents
@@ -1091,11 +1210,18 @@ class NonFiniteError(RuntimeError):
 class Learner:
     """The online network (DDP-wrapped in a trainer process), its optimiser, and a target
     network refreshed every --target-update-interval updates for the NCE targets (and, with
-    --local-target-net, the bootstrap values). One train_step is one update."""
+    --local-target-net, the bootstrap values).
 
-    def __init__(self, net, args, device, model=None):
-        self.net, self.model, self.args, self.device = net, model or net, args, device
+    `updates` counts batches of --batch-size-per-worker sequences. With `world` DDP trainers,
+    one optimiser step (train_step) averages the gradients of `world` batches and counts as
+    `world` updates. The replay ratio, the learning-rate schedule, the target refresh and the
+    checkpoints all count these updates, so the sequences trained per env step, and what
+    happens when, do not depend on the number of GPUs."""
+
+    def __init__(self, net, args, device, model=None, world=1, seed=0):
+        self.net, self.model, self.args, self.device, self.world = net, model or net, args, device, world
         self.target = copy.deepcopy(net).eval().requires_grad_(False)
+        self.generator = make_generator(device, seed)  # augmentation
         if args.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
                                              weight_decay=args.weight_decay)
@@ -1105,8 +1231,9 @@ class Learner:
         self.loss_weights = {"value": args.value_loss_weight, "policy": args.policy_loss_weight,
                              "reward": args.reward_loss_weight, "nce": args.nce_weight}
 
-    def train_step(self, seq, time, env, weights):
-        """seq: Sequences on the device; weights [B] importance weights. Returns (metrics, priorities)."""
+    def train_step(self, seq, time, env, weights, td_steps):
+        """seq: Sequences on the device; weights [B] importance weights; td_steps [B] each
+        sample's n. Returns (metrics, priorities)."""
         args, S, K = self.args, self.net.stack, self.args.jumps
         obs = stack_observations(seq.frames, seq.episode_step, S)                       # [B, K+n+1, S*C, H, W]
         B = obs.shape[0]
@@ -1116,10 +1243,11 @@ class Learner:
                 values = values.view(B, -1)
             else:
                 values = (seq.root_value if args.search_value_targets else seq.network_value)[:, S - 1:]
-            targets = n_step_targets(seq, values, K, args.td_steps, args.discount, S)
+            targets = n_step_targets(seq, values, K, td_steps.to(self.device), args.discount, S)
+            seen = augment(obs[:, :K + 1], self.generator) if args.augment else obs[:, :K + 1]  # [B, K+1, S*C, H, W]
             projections = same_episode = None
             if args.nce and K > 0:
-                real = self.target.representation(obs[:, 1:K + 1].flatten(0, 1))         # the observations at t+1..t+K
+                real = self.target.representation(seen[:, 1:].flatten(0, 1))              # the observations at t+1..t+K
                 projections = self.target.project(real, online=False).view(B, K, -1)
                 start = (time.to(self.device) - seq.episode_step[:, S - 1])
                 env = env.to(self.device)
@@ -1127,7 +1255,7 @@ class Learner:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(args, self.updates)
         self.model.train()
-        outputs = self.model(obs[:, 0], targets.actions, nce=args.nce)
+        outputs = self.model(seen[:, 0], targets.actions, nce=args.nce)
         terms, priorities, metrics = muzero_losses(outputs, targets, projections, same_episode, args,
                                                    self.net.support_size)
         losses = {name: (term * weights).mean() for name, term in terms.items()}
@@ -1135,19 +1263,19 @@ class Learner:
         values = torch.stack([loss, *losses.values()]).detach()
         detail = lambda: ", ".join(f"{name}={float(v):.4g}" for name, v in zip(["total", *losses], values))
         if not torch.isfinite(values).all():
-            raise NonFiniteError(f"non-finite loss at update {self.updates + 1} ({detail()})")
+            raise NonFiniteError(f"non-finite loss at update {self.updates + self.world} ({detail()})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), args.max_grad_norm)
         if not torch.isfinite(grad_norm):
-            raise NonFiniteError(f"non-finite gradient at update {self.updates + 1} (losses: {detail()})")
+            raise NonFiniteError(f"non-finite gradient at update {self.updates + self.world} (losses: {detail()})")
         self.optimizer.step()
-        self.updates += 1
-        if self.updates % args.target_update_interval == 0:
-            self.target.load_state_dict(self.net.state_dict())
         metrics.update({f"losses/{name}": v.detach() for name, v in losses.items()})
         metrics.update({"losses/total": loss.detach(), "losses/grad_norm": grad_norm,
-                        "charts/learning_rate": torch.tensor(learning_rate(args, self.updates - 1))})
+                        "charts/learning_rate": torch.tensor(learning_rate(args, self.updates))})
+        self.updates += self.world
+        if crossed(self.updates, self.world, args.target_update_interval):
+            self.target.load_state_dict(self.net.state_dict())
         return metrics, priorities.detach()
 
     def state_dict(self):
@@ -1167,17 +1295,21 @@ class Learner:
 # torch.multiprocessing (spawn). The launcher makes the shared state, starts the processes,
 # prints progress from the shared counters and tears everything down when one fails:
 #   actor       steps the envs with one batched search per step, writes the buffer, evaluates
-#   reanalyze   samples sequences and writes fresh search targets back (--reanalyze-workers)
-#   trainers    one DDP group; each samples its own --batch-size-per-worker sequences per update
+#   trainers    one DDP group; each samples its own --batch-size-per-worker sequences per update,
+#               one update ahead, and hands them to reanalyze before training on them
+#   reanalyze   refreshes the first --reanalyze-fraction of each such batch with a new search
+#               (--reanalyze-workers), as the single process does before each update
 # The replay ratio is held across processes: trainers wait for env steps, and the actor waits
 # when training falls more than two actor steps behind, so results do not depend on which
-# part of the machine is faster. Trainers also wait for reanalyze to keep up with
-# --reanalyze-fraction. Under torchrun, each node runs this layout and all trainers of all
-# nodes form one DDP group (rendezvous on MASTER_PORT + 1).
+# part of the machine is faster. Under torchrun, each node runs this layout and all trainers
+# of all nodes form one DDP group (rendezvous on MASTER_PORT + 1).
 
 # Shared int64 counters and float64 statistics, by index.
 ENV_STEPS, UPDATES, SIMS, REANALYZED, VERSION, STOP, ACTOR_DONE, TRAINERS_DONE, START_STEPS, BASE_UPDATES = range(10)
 RETURN, EVAL_RETURN, LOSS, STALENESS = range(4)
+# A trainer's sampled batch goes FREE -> WAITING (for reanalyze) -> CLAIMED -> READY (to train on).
+FREE, WAITING, CLAIMED, READY = range(4)
+LOOKAHEAD = 2  # batches each trainer has sampled: one being trained on, one being reanalysed
 
 
 class Layout(NamedTuple):
@@ -1188,16 +1320,6 @@ class Layout(NamedTuple):
     node_rank: int = 0
     num_nodes: int = 1
     master: str = ""
-
-
-class AtariEnvFn:
-    """make_atari_env_fn as a picklable object, for spawned processes."""
-
-    def __init__(self, args):
-        self.args = args
-
-    def __call__(self, num_envs):
-        return make_atari_env_fn(self.args)(num_envs)
 
 
 def plan_layout(args):
@@ -1253,12 +1375,15 @@ class Shared:
     """What the processes share, all in shared memory: the replay buffer, the published weights
     with their version (the update they come from), counters and statistics."""
 
-    def __init__(self, ctx, args, frame_shape, stack, num_actions, weights):
+    def __init__(self, ctx, args, frame_shape, stack, num_actions, weights, trainers):
         self.buffer = ReplayBuffer(args.buffer_size, args.num_envs, frame_shape, num_actions, stack, args.jumps,
                                    args.td_steps, args.priority_alpha).share_memory_()
         self.weights = weights.share_memory()
         self.counters = torch.zeros(10, dtype=torch.long).share_memory_()
         self.stats = torch.full((4,), math.nan, dtype=torch.float64).share_memory_()
+        # the (time, env) starts of each trainer's coming batches, and where each batch stands
+        self.batches = torch.zeros(trainers, LOOKAHEAD, 2, args.batch_size_per_worker, dtype=torch.long).share_memory_()
+        self.batch_state = torch.full((trainers, LOOKAHEAD), FREE, dtype=torch.long).share_memory_()
         self.lock = ctx.Lock()
         self.errors = ctx.SimpleQueue()
 
@@ -1285,10 +1410,21 @@ class Shared:
             net.load_state_dict(self.weights.state_dict())
             return int(self.counters[VERSION])
 
+    def claim_batch(self):
+        """A batch waiting for reanalyze, as (trainer, slot), now claimed by the caller; or None."""
+        with self.lock:
+            waiting = (self.batch_state == WAITING).nonzero()
+            if len(waiting) == 0:
+                return None
+            trainer, slot = waiting[0].tolist()
+            self.batch_state[trainer, slot] = CLAIMED
+            return trainer, slot
+
 
 def fresh_counters(args):
     """Progress counters of a new run: training starts once --learning-starts env steps are in."""
-    return {"env_steps": 0, "start_steps": args.learning_starts, "base_updates": 0, "sims": 0}
+    return {"env_steps": 0, "start_steps": args.learning_starts, "base_updates": 0, "sims": 0,
+            "reanalyzed_sequences": 0}
 
 
 def warm_up_again(counters, args, updates):
@@ -1297,8 +1433,8 @@ def warm_up_again(counters, args, updates):
 
 
 def updates_allowed(env_steps, start_steps, base_updates, args):
-    """Updates the replay ratio allows after `env_steps`: none before the buffer is warm
-    (`start_steps`), then --train-steps-per-env-step for every env step including that one."""
+    """Updates (batches) the replay ratio allows after `env_steps`: none before the buffer is
+    warm (`start_steps`), then --train-steps-per-env-step for every env step including that one."""
     if env_steps < start_steps:
         return base_updates
     return base_updates + int((env_steps - start_steps + args.num_envs) * args.train_steps_per_env_step + 1e-9)
@@ -1347,13 +1483,14 @@ def actor_process(args, shared, index, layout):
     device = on_device(layout.actor)
     seed = args.seed + 1_000_003 * layout.node_rank  # every env of every node has its own seed
     seed_everything(seed)
-    envs = AtariEnvFn(args)(args.num_envs)
+    envs, eval_env_fn = make_atari_env_fn(args)(args.num_envs), make_atari_env_fn(args, evaluation=True)
     acting = copy.deepcopy(shared.weights).to(device).eval()
     version = shared.fetch(acting, -1)
     actor = Actor(envs, shared.buffer, args, device, make_generator(device, seed + 2), seed)
     progress = Progress(node_run_dir(args, layout))
     counters, E = shared.counters, args.num_envs
-    max_backlog = 2 * E * args.train_steps_per_env_step + 1  # the actor runs at most two steps ahead of training
+    # the actor runs at most two steps ahead of training, and far enough for one optimiser step of all trainers
+    max_backlog = 2 * E * args.train_steps_per_env_step + len(layout.trainers)
     while int(counters[ENV_STEPS]) < args.total_env_steps:
         backlog = lambda: updates_allowed_now(counters, args) - int(counters[UPDATES])  # updates not done yet
         if not wait_until(lambda: backlog() <= max_backlog, shared):
@@ -1370,33 +1507,33 @@ def actor_process(args, shared, index, layout):
         if crossed(steps, E, args.log_interval):
             progress.scalars({"charts/weights_staleness": staleness, **search_stats(actor)}, steps)
         if args.eval_interval and crossed(steps, E, args.eval_interval) and steps < args.total_env_steps:
-            run_evaluation(acting, AtariEnvFn(args), args, device, steps, progress, shared.stats)
+            run_evaluation(acting, eval_env_fn, args, device, steps, progress, shared.stats)
     counters[ACTOR_DONE] = 1
     if wait_until(lambda: bool(counters[TRAINERS_DONE]), shared, poll=0.05):
         shared.fetch(acting, -1)
-        run_evaluation(acting, AtariEnvFn(args), args, device, int(counters[ENV_STEPS]), progress, shared.stats)
+        run_evaluation(acting, eval_env_fn, args, device, int(counters[ENV_STEPS]), progress, shared.stats)
     progress.close()
     envs.close()
 
 
 def reanalyze_process(args, shared, index, layout):
+    """Refresh the first --reanalyze-fraction of each batch a trainer has sampled ahead: the
+    same sequences the single process refreshes before each update."""
     device = on_device(layout.reanalyze[index])
     net = copy.deepcopy(shared.weights).to(device).eval()
     version = shared.fetch(net, -1)
-    seed = args.seed + 7919 * (index + 1) + 1_000_003 * layout.node_rank
-    sampler, noise = make_generator("cpu", seed), make_generator(device, seed + 1)
-    sequences_per_update = args.batch_size_per_worker * len(layout.trainers)
-    buffer = shared.buffer
+    noise = make_generator(device, args.seed + 7919 * (index + 1) + 1_000_003 * layout.node_rank)
+    refresh = round(args.reanalyze_fraction * args.batch_size_per_worker)
     while not shared.stopping() and not shared.counters[TRAINERS_DONE]:
-        # keep one update ahead of what the trainers will need
-        wanted = args.reanalyze_fraction * (int(shared.counters[UPDATES]) + 2) * sequences_per_update
-        if int(shared.counters[REANALYZED]) >= wanted or not buffer.start_mask().any():
+        job = shared.claim_batch()
+        if job is None:
             time.sleep(0.002)
             continue
         version = shared.fetch(net, version)
-        time_, env, _ = buffer.sample(args.batch_size_per_worker, 1.0, sampler)
-        sims = reanalyze(net, buffer, time_, env, args, device, noise)
-        shared.add(REANALYZED, len(time_))
+        time_, env = shared.batches[job][:, :refresh]
+        sims = reanalyze(net, shared.buffer, time_, env, args, device, noise)
+        shared.batch_state[job] = READY
+        shared.add(REANALYZED, refresh)
         shared.add(SIMS, sims)
 
 
@@ -1413,42 +1550,56 @@ def trainer_process(args, shared, index, layout):
     net = copy.deepcopy(shared.weights).to(device)
     model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
                                     find_unused_parameters=args.jumps == 0)
-    learner = Learner(net, args, device, model=model)
+    seed = args.seed + 7907 * (rank + 1) + 12345
+    learner = Learner(net, args, device, model=model, world=world, seed=seed + 1)
     if args.resume:
         learner.load_state_dict(load_checkpoint(args.resume))
-    sampler = make_generator("cpu", args.seed + 7907 * (rank + 1) + 12345)
-    buffer, counters, B = shared.buffer, shared.counters, args.batch_size_per_worker
+    sampler = make_generator("cpu", seed)
+    buffer, counters = shared.buffer, shared.counters
     progress = Progress(node_run_dir(args, layout)) if rank == 0 else None
     leader = index == 0  # each node's first trainer publishes weights and counts updates
     run_dir, last_logged = node_run_dir(args, layout), int(counters[ENV_STEPS])
     metrics = {}
     collective_device = device if layout.backend == "nccl" else torch.device("cpu")
+    needs_reanalyze = args.reanalyze_fraction > 0 and args.num_simulations > 0
+    states, starts = shared.batch_state[index], shared.batches[index]
+    pending, sampled = [], 0  # batches sampled ahead, oldest first, as (slot, weights, td_steps)
 
-    def credit():  # updates the replay ratio allows beyond those done
-        return updates_allowed_now(counters, args) - learner.updates
+    def credit():  # batches the replay ratio allows this node beyond those its trainers trained
+        return updates_allowed_now(counters, args) - learner.updates // layout.num_nodes
 
-    def reanalyze_kept_pace():
-        return not layout.reanalyze or int(counters[REANALYZED]) >= args.reanalyze_fraction * learner.updates * B * T
+    def sample_ahead():  # reanalyze refreshes the next batch while this one trains
+        nonlocal sampled
+        while len(pending) < LOOKAHEAD:
+            slot = sampled % LOOKAHEAD
+            time_, env, weights, td_steps = sample_batch(buffer, args, int(counters[ENV_STEPS]), sampler)
+            starts[slot, 0], starts[slot, 1] = time_, env
+            states[slot] = WAITING if needs_reanalyze else READY
+            pending.append((slot, weights, td_steps))
+            sampled += 1
 
     while True:
         actor_done = lambda: bool(counters[ACTOR_DONE])
-        wait_until(lambda: (credit() > 0 and bool(buffer.start_mask().any())) or actor_done(), shared)
-        wait_until(lambda: reanalyze_kept_pace() or actor_done(), shared)
-        stop = shared.stopping() or credit() <= 0  # (once the actor is done: no credit left)
+        wait_until(lambda: (credit() >= T and bool(buffer.start_mask().any())) or actor_done(), shared)
+        if credit() >= T:
+            sample_ahead()
+            wait_until(lambda: int(states[pending[0][0]]) == READY, shared)
+        stop = shared.stopping() or credit() < T  # (once the actor is done: no credit left)
         # every trainer must take the same decision, or the others would wait in all_reduce forever
         flag = torch.tensor([float(stop)], device=collective_device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
             break
-        done = min(1.0, int(counters[ENV_STEPS]) / args.total_env_steps)
-        time_, env, weights = buffer.sample(B, args.priority_beta + (1 - args.priority_beta) * done, sampler)
+        slot, weights, td_steps = pending.pop(0)
+        time_, env = starts[slot].clone()
+        states[slot] = FREE
         seq = Sequences(*(x.to(device, non_blocking=True) for x in buffer.window(time_, env)))
-        metrics, priorities = learner.train_step(seq, time_, env, weights.to(device))
+        metrics, priorities = learner.train_step(seq, time_, env, weights.to(device), td_steps)
         buffer.update_priorities(time_, env, priorities.cpu())
         if leader:
-            counters[UPDATES] = learner.updates
-            if learner.updates % args.publish_interval == 0:
-                shared.publish(net, learner.updates)
+            counters[UPDATES] = learner.updates // layout.num_nodes
+            if crossed(learner.updates, world, args.publish_interval):
+                shared.publish(net, learner.updates // layout.num_nodes)
         if args.fault_after is not None and rank == world - 1 and learner.updates >= args.fault_after:
             raise RuntimeError(f"fault injected by --fault-after {args.fault_after} at update {learner.updates}")
         steps = int(counters[ENV_STEPS])
@@ -1460,8 +1611,8 @@ def trainer_process(args, shared, index, layout):
                      buffer)
         last_logged = steps
     if leader:
-        shared.publish(net, learner.updates)
-        counters[UPDATES] = learner.updates
+        shared.publish(net, learner.updates // layout.num_nodes)
+        counters[UPDATES] = learner.updates // layout.num_nodes
         counters[TRAINERS_DONE] = 1
     # DDP keeps the replicas equal; check it, and keep the evidence in the final checkpoint
     checksum = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum().reshape(1).to(collective_device)
@@ -1476,10 +1627,13 @@ def trainer_process(args, shared, index, layout):
     dist.destroy_process_group()
 
 
+# the progress counters a checkpoint keeps, and where they live among the shared counters
+COUNTER_NAMES = {"env_steps": ENV_STEPS, "start_steps": START_STEPS, "base_updates": BASE_UPDATES, "sims": SIMS,
+                 "reanalyzed_sequences": REANALYZED}
+
+
 def counters_dict(counters):
-    return {"env_steps": int(counters[ENV_STEPS]), "start_steps": int(counters[START_STEPS]),
-            "base_updates": int(counters[BASE_UPDATES]), "sims": int(counters[SIMS]),
-            "reanalyzed_sequences": int(counters[REANALYZED])}
+    return {name: int(counters[index]) for name, index in COUNTER_NAMES.items()}
 
 
 def node_run_dir(args, layout):
@@ -1499,25 +1653,25 @@ def launch(args, layout):
     args.run_dir = default_run_dir(args)
     if not layout.master:
         layout = layout._replace(master=f"tcp://127.0.0.1:{free_port()}")
-    probe = AtariEnvFn(args)(1)
+    probe = make_atari_env_fn(args)(1)
     frame_shape, stack, num_actions = env_spec(probe)
     probe.close()
     seed_everything(args.seed)
     weights = MuZeroNet(frame_shape, stack, num_actions, args).eval()
-    shared = Shared(ctx, args, frame_shape, stack, num_actions, weights)
+    shared = Shared(ctx, args, frame_shape, stack, num_actions, weights, len(layout.trainers))
     counters = fresh_counters(args)
     if args.resume:
         state = load_checkpoint(args.resume)
         weights.load_state_dict(state["acting"])
         counters.update(state["counters"])
+        node_updates = state["updates"] // layout.num_nodes  # the batches this node's trainers trained
         if "buffer" in state:
             shared.buffer.load_state_dict(state["buffer"])
             mark_cut_episodes(shared.buffer)
         else:  # an empty buffer warms up again before training resumes
-            warm_up_again(counters, args, state["updates"])
-        shared.counters[UPDATES] = shared.counters[VERSION] = state["updates"]
-    names = (("env_steps", ENV_STEPS), ("start_steps", START_STEPS), ("base_updates", BASE_UPDATES), ("sims", SIMS))
-    for name, index in names:
+            warm_up_again(counters, args, node_updates)
+        shared.counters[UPDATES] = shared.counters[VERSION] = node_updates
+    for name, index in COUNTER_NAMES.items():
         shared.counters[index] = counters[name]
     log_protocol(args, frame_shape, stack, num_actions, f"actor {layout.actor}, reanalyze {layout.reanalyze}, "
                  f"trainers {layout.trainers} ({layout.backend}), node {layout.node_rank + 1}/{layout.num_nodes}")
@@ -1675,11 +1829,15 @@ def set_rng_state(state, generators):
 
 
 def log_protocol(args, frame_shape, stack, num_actions, placement, atari=True):
-    env = (f"game {args.game}, <= {args.noop_max} no-ops, sticky {args.sticky_actions}, cap "
-           f"{args.max_episode_frames:,} frames, no life loss" if atari else "env from env_fn")
-    print(f"{env} | frames {frame_shape} x {stack} | {num_actions} actions | {placement} | evaluation: "
-          f"{args.eval_episodes} episodes, {args.eval_simulations} simulations, no noise, most-visited action, "
-          f"final weights scored", flush=True)
+    env = f"game {args.game}, <= {args.noop_max} no-ops, sticky {args.sticky_actions}" if atari else "env from env_fn"
+    cap = lambda frames: f"cap {frames:,} frames, " if atari else ""
+    training = (f"training: {cap(args.train_episode_frames)}"
+                f"{'a lost life ends an episode' if args.episodic_life else 'no life loss'}, "
+                f"{'clipped' if args.clip_rewards else 'raw'} rewards")
+    evaluation = (f"evaluation: {args.eval_episodes} episodes, {cap(args.max_episode_frames)}no life loss, "
+                  f"{args.eval_simulations} simulations, no noise, most-visited action, final weights scored")
+    print(f"{env} | frames {frame_shape} x {stack} | {num_actions} actions | {placement} | {training} | {evaluation}",
+          flush=True)
 
 
 def search_stats(actor):
@@ -1731,38 +1889,39 @@ def train(args, env_fn=None):
     device = resolve_device(args.device)
     seed_everything(args.seed)
     atari = env_fn is None
-    env_fn = env_fn or make_atari_env_fn(args)
+    env_fn, eval_env_fn = (make_atari_env_fn(args), make_atari_env_fn(args, evaluation=True)) if atari else (env_fn, env_fn)
     envs = env_fn(args.num_envs)
     frame_shape, stack, num_actions = env_spec(envs)
     net = MuZeroNet(frame_shape, stack, num_actions, args).to(device)
-    learner = Learner(net, args, device)
+    learner = Learner(net, args, device, seed=args.seed + 4)
     acting = copy.deepcopy(net).eval()  # the published weights, which the actor and reanalyze use
     buffer = ReplayBuffer(args.buffer_size, args.num_envs, frame_shape, num_actions, stack, args.jumps,
                           args.td_steps, args.priority_alpha)
     sampler, noise = make_generator("cpu", args.seed + 1), make_generator(device, args.seed + 3)
     actor = Actor(envs, buffer, args, device, make_generator(device, args.seed + 2), args.seed)
+    generators = [sampler, actor.generator, noise, learner.generator]
     counters = fresh_counters(args)
     run_dir = default_run_dir(args)
     if args.resume:
-        envs = resume(args.resume, learner, acting, counters, buffer, actor, [sampler, actor.generator, noise], envs)
+        envs = resume(args.resume, learner, acting, counters, buffer, actor, generators, envs)
     log_protocol(args, frame_shape, stack, num_actions, f"single process on {device}", atari)
     progress = Progress(run_dir, args)
     progress.mark = (time.time(), counters["env_steps"], counters["sims"], learner.updates)
     E, B = args.num_envs, args.batch_size_per_worker
 
     def save(path):
-        exact = {"actor": actor.state_dict(), "rng": rng_state([sampler, actor.generator, noise]),
-                 "envs": picklable(envs)}
+        exact = {"actor": actor.state_dict(), "rng": rng_state(generators), "envs": picklable(envs)}
         save_run(path, args, learner, acting, counters, buffer, exact)
 
-    def update(beta):
+    def update(env_steps):
         """Sample, refresh the first --reanalyze-fraction of the batch, train, reprioritise, publish."""
-        time_, env, weights = buffer.sample(B, beta, sampler)
+        time_, env, weights, td_steps = sample_batch(buffer, args, env_steps, sampler)
         refresh = round(args.reanalyze_fraction * B)
         if refresh and args.num_simulations:
             counters["sims"] += reanalyze(acting, buffer, time_[:refresh], env[:refresh], args, device, noise)
+            counters["reanalyzed_sequences"] += refresh
         seq = Sequences(*(x.to(device) for x in buffer.window(time_, env)))
-        metrics, priorities = learner.train_step(seq, time_, env, weights.to(device))
+        metrics, priorities = learner.train_step(seq, time_, env, weights.to(device), td_steps)
         buffer.update_priorities(time_, env, priorities.cpu())
         if learner.updates % args.publish_interval == 0:
             acting.load_state_dict(net.state_dict())
@@ -1778,12 +1937,12 @@ def train(args, env_fn=None):
             counters["sims"] += E * args.num_simulations
             steps, final = counters["env_steps"], counters["env_steps"] >= args.total_env_steps
             while learner.updates < updates_allowed(steps, counters["start_steps"], counters["base_updates"], args):
-                metrics = update(beta=args.priority_beta + (1 - args.priority_beta) * done)
+                metrics = update(steps)
                 if progress.overdue():
                     progress.loss = float(metrics["losses/total"])
                     progress.line(steps, learner.updates, counters["sims"])
             if (args.eval_interval and crossed(steps, E, args.eval_interval)) or final:
-                run_evaluation(net.eval(), env_fn, args, device, steps, progress)
+                run_evaluation(net.eval(), eval_env_fn, args, device, steps, progress)
             if crossed(steps, E, args.log_interval) or final:
                 progress.loss = float(metrics["losses/total"]) if metrics else None
                 progress.scalars({**metrics, **search_stats(actor)}, steps)

@@ -58,6 +58,10 @@ class TableModel:
             self.reward = torch.zeros(S, A)
             self.value = torch.full((S,), 0.7)
             self.logits = torch.zeros(S, A)
+        elif kind == "tiny":  # Q spans below the min-max floor (0.01): the floor decides the scale
+            self.reward = torch.randn(S, A, generator=g) * 1e-3
+            self.value = torch.randn(S, generator=g) * 1e-3
+            self.logits = torch.randn(S, A, generator=g)
         elif kind == "zero":
             self.reward = torch.zeros(S, A)
             self.value = torch.zeros(S)
@@ -104,7 +108,7 @@ class Node:
         return self.value_sum / self.visits
 
 
-def reference_search(model, state, prior, value, sims, discount, c1, c2):
+def reference_search(model, state, prior, value, sims, discount, c1, c2, min_span=0.01):
     """One tree, one simulation at a time, Python floats; the conventions of section 5."""
     root = Node(0.0, prior, state)
     root.visits, root.value_sum = 1, float(value)
@@ -118,7 +122,7 @@ def reference_search(model, state, prior, value, sims, discount, c1, c2):
 
     def normalised(x):
         if hi > lo:
-            return min(max((x - lo) / (hi - lo), 0.0), 1.0)
+            return min(max((x - lo) / max(hi - lo, min_span), 0.0), 1.0)
         return 0.0
 
     for _ in range(sims):
@@ -188,6 +192,7 @@ def test_search_matches_reference(batch, sims, discount):
     ("random", 1.0, 2.0, 19652.0),
     ("flat", 1.0, 1.25, 19652.0),    # all Q equal (min == max): prior alone, ties to lowest index
     ("zero", 0.997, 1.25, 19652.0),
+    ("tiny", 0.997, 1.25, 19652.0),  # whole-tree spans below min_q_span
 ])
 def test_search_matches_reference_other_settings(kind, discount, c1, c2):
     model = TableModel(30, 5, seed=7, kind=kind)
@@ -327,7 +332,7 @@ def test_tree_invariants(kind, discount):
     if kind == "flat":
         # every Q is 0.7: the bounds never open, Q normalises to 0 everywhere
         assert torch.equal(tree.bounds[:, 0], tree.bounds[:, 1])
-        scale, shift = M.q_normaliser(tree.bounds)
+        scale, shift = M.q_normaliser(tree.bounds, 0.01)
         assert (scale == 0).all() and (shift == 0).all()
         torch.testing.assert_close(out.root_value, torch.full((3,), 0.7))
     if kind == "zero":
@@ -363,12 +368,15 @@ def test_search_outputs_can_be_training_targets():
 
 
 def test_q_normaliser():
-    bounds = torch.tensor([[math.inf, -math.inf], [2.0, 2.0], [-1.0, 3.0], [1e9, 3e9]])
-    scale, shift = M.q_normaliser(bounds)
+    bounds = torch.tensor([[math.inf, -math.inf], [2.0, 2.0], [-1.0, 3.0], [1e9, 3e9], [1.0, 1.002]])
+    scale, shift = M.q_normaliser(bounds, 0.01)
     assert torch.isfinite(scale).all() and torch.isfinite(shift).all()
-    q = torch.tensor([[5.0], [2.0], [0.0], [2e9]])
+    q = torch.tensor([[5.0], [2.0], [0.0], [2e9], [1.002]])
     normalised = (q * scale + shift).squeeze(1)
-    torch.testing.assert_close(normalised, torch.tensor([0.0, 0.0, 0.25, 0.5]))
+    # the last tree's span (0.002) is below the floor: its Q spread over 0.2, not the whole [0, 1]
+    torch.testing.assert_close(normalised, torch.tensor([0.0, 0.0, 0.25, 0.5, 0.2]))
+    scale, shift = M.q_normaliser(bounds, 0.0)
+    torch.testing.assert_close((q * scale + shift).squeeze(1)[-1], torch.tensor(1.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -659,14 +667,19 @@ def test_atari_envs_get_distinct_seeds():
 
 
 class RecordingEnvs:
-    """Forwards to a vector env and records every observation, reward, flag and action."""
+    """Forwards to a vector env and records every action, reward, flag and lives count."""
 
     def __init__(self, envs):
         self._envs = envs
-        self.actions, self.rewards, self.terminals, self.truncations = [], [], [], []
+        self.actions, self.rewards, self.terminals, self.truncations, self.lives = [], [], [], [], []
 
     def __getattr__(self, name):
         return getattr(self._envs, name)
+
+    def reset(self, **kw):
+        obs, info = self._envs.reset(**kw)
+        self.reset_lives = np.array(info["lives"])
+        return obs, info
 
     def step(self, action):
         self.actions.append(np.array(action, copy=True))
@@ -674,17 +687,23 @@ class RecordingEnvs:
         self.rewards.append(np.array(reward, dtype=np.float32))
         self.terminals.append(np.array(terminal))
         self.truncations.append(np.array(truncated))
+        self.lives.append(np.array(info["lives"]))
         return obs, reward, terminal, truncated, info
 
 
-def test_actor_rows_rebuild_the_env_stacks():
+@pytest.mark.parametrize("game", ["ms_pacman", "breakout"])  # rewards of 10 to clip; lives lost early
+def test_actor_rows_rebuild_the_env_stacks(game):
+    """Row t holds o_t with what came with it: the clipped reward, the end flags (a lost life is
+    terminal while the game goes on), the step in the game; stacks rebuilt from single frames
+    are the env's own, across game ends, cut episodes and lost lives."""
     pytest.importorskip("ale_py")
-    E, T, steps = 2, 24, 40
-    args = M.parse_args(["--num-envs", str(E), "--max-episode-frames", "60", "--noop-max", "3",
+    E, T, steps = 2, 48, 120
+    args = M.parse_args(["--game", game, "--num-envs", str(E), "--train-episode-frames", "400", "--noop-max", "3",
                          "--channels", "8", "--reduced-channels", "4", "--head-hidden", "8",
                          "--proj-hidden", "16", "--proj-dim", "16", "--pred-hidden", "8", "--support-size", "10",
                          "--num-simulations", "2", "--jumps", "1", "--td-steps", "1", "--buffer-size", str(T * E),
                          "--learning-starts", "20", "--batch-size-per-worker", "4", "--device", "cpu"])
+    assert args.clip_rewards and args.episodic_life  # the defaults
     envs = RecordingEnvs(M.make_atari_env_fn(args)(E))
     try:
         frame_shape, stack, num_actions = M.env_spec(envs)
@@ -692,33 +711,45 @@ def test_actor_rows_rebuild_the_env_stacks():
         torch.manual_seed(0)
         net = M.MuZeroNet(frame_shape, stack, num_actions, args).eval()
         buf = M.ReplayBuffer(T * E, E, frame_shape, num_actions, stack, args.jumps, args.td_steps)
-        extra = {"seed": args.seed} if "seed" in inspect.signature(M.Actor).parameters else {}  # newer signature
-        actor = M.Actor(envs, buf, args, torch.device("cpu"), torch.Generator().manual_seed(0), **extra)
-        observations = []
+        actor = M.Actor(envs, buf, args, torch.device("cpu"), torch.Generator().manual_seed(0), seed=args.seed)
+        observations, returns = [], []
         for _ in range(steps):
             observations.append(M.observation_tensor(actor.obs))  # o_t, written at row t
-            actor.step(net, 1.0)
+            returns += actor.step(net, 1.0)
     finally:
         envs.close()
     assert buf.steps == steps
 
     # what the rows should hold, from the env's own outputs (row t: o_t, what came with it, a_t)
     final = [np.zeros(E, dtype=bool)] + [te | tr for te, tr in zip(envs.terminals, envs.truncations)]
+    lives = [envs.reset_lives] + envs.lives
     episode_step = [np.zeros(E, dtype=np.int64)]
     for t in range(1, steps):
         episode_step.append(np.where(final[t - 1], 0, episode_step[-1] + 1))
     assert any(f.any() for f in final[:steps - 1]), "no episode ended: the test needs an episode boundary"
 
-    checked_boundary = 0
+    checked_boundary, lost_lives, clipped = 0, 0, 0
     for t in range(steps - T, steps):
         row = t % T
         for e in range(E):
             assert int(buf.action[row, e]) == int(envs.actions[t][e])
-            reward = 0.0 if t == 0 or final[t - 1][e] else float(envs.rewards[t - 1][e])
-            assert float(buf.reward[row, e]) == reward
-            assert bool(buf.terminal[row, e]) == (t > 0 and bool(envs.terminals[t - 1][e]))
+            raw = 0.0 if t == 0 or final[t - 1][e] else float(envs.rewards[t - 1][e])  # the reset step's is 0
+            assert float(buf.reward[row, e]) == float(np.sign(raw))
+            clipped += raw not in (-1.0, 0.0, 1.0)
+            life_lost = t > 0 and not final[t - 1][e] and lives[t][e] < lives[t - 1][e]
+            lost_lives += life_lost and not final[t][e]
+            assert bool(buf.terminal[row, e]) == (t > 0 and bool(envs.terminals[t - 1][e]) or life_lost), (t, e)
             assert bool(buf.truncated[row, e]) == (t > 0 and bool(envs.truncations[t - 1][e]))
             assert int(buf.episode_step[row, e]) == int(episode_step[t][e])
+    assert (clipped if game == "ms_pacman" else lost_lives) > 0, "the case this game is here for did not happen"
+    # the actor reports whole games (not lives) with their unclipped returns and lengths
+    expected, total, length = [], np.zeros(E), np.zeros(E, dtype=np.int64)
+    for i in range(steps):
+        reset_step = final[i]  # the step after a game over resets the env: reward 0, step 0
+        total = np.where(reset_step, 0.0, total + envs.rewards[i])
+        length = np.where(reset_step, 0, length + 1)
+        expected += [(total[e], length[e]) for e in range(E) if envs.terminals[i][e] or envs.truncations[i][e]]
+    assert len(expected) > 0 and [(pytest.approx(r), n) for r, n in expected] == returns
     # stacks rebuilt from single frames == the env's stacks, across episode ends
     times = torch.tensor([t for t in range(steps - T + stack - 1, steps) for e in range(E)])
     env_ids = torch.tensor([e for t in range(steps - T + stack - 1, steps) for e in range(E)])
@@ -936,8 +967,10 @@ def corridor_args(tmp_path, seed, **overrides):
         "--eval-interval": 0, "--log-interval": 10**9, "--checkpoint-interval": 10**9,
         "--run-dir": str(tmp_path / "run"),
     }
+    # Atari's recipe does not fit a 3x7 image with a 0.3 decoy: no pixel shifts, no reward clipping
+    extra = ["--no-augment", "--no-clip-rewards"]
     flags.update(overrides)
-    return M.parse_args([str(x) for kv in flags.items() for x in kv])
+    return M.parse_args([str(x) for kv in flags.items() for x in kv] + extra)
 
 
 def test_corridor_env_contract():
@@ -1021,7 +1054,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--device", "cpu", "--num-envs", "2", "--channels", "8", "--reduced-channels", "4", "--head-hidden", "8",
         "--support-size", "10", "--proj-hidden", "16", "--proj-dim", "16", "--pred-hidden", "8",
         "--num-simulations", "2", "--eval-simulations", "2", "--eval-episodes", "1", "--batch-size-per-worker", "4",
-        "--buffer-size", "200", "--learning-starts", "32", "--max-episode-frames", "400", "--eval-interval", "0",
+        "--buffer-size", "200", "--learning-starts", "32", "--max-episode-frames", "400",
+        "--train-episode-frames", "400", "--eval-interval", "0",
         "--log-interval", "40", "--reanalyze-fraction", "0.25"]
 
 
@@ -1117,9 +1151,21 @@ def test_import_does_not_initialise_cuda():
 LAYOUT = [*TINY, "--devices", "cpu,cpu,cpu,cpu"]  # actor, one reanalyze worker, two gloo trainers
 
 
-def test_layout_runs_to_completion(tmp_path):
+def adam_steps(state):
+    """Optimiser steps the checkpoint's Adam state counts (the same for every parameter)."""
+    steps = {float(p["step"]) for p in state["optimizer"]["state"].values()}
+    assert len(steps) == 1
+    return int(steps.pop())
+
+
+def test_layout_runs_and_resumes(tmp_path):
+    """Two gloo trainers: both end with the same weights; the replay ratio holds across processes
+    and counts batches, so one optimiser step of the two trainers counts two updates (the same
+    sequences per env step as one trainer); reanalyze refreshed the trainers' batches; a resume
+    with the buffer picks up every counter, the reanalysed sequences included, and trains on
+    at once."""
     run = tmp_path / "run"
-    done = run_script(*LAYOUT, "--total-env-steps", "120", "--save-buffer", "--run-dir", str(run))
+    done = run_script(*LAYOUT, "--total-env-steps", "80", "--save-buffer", "--optimizer", "adam", "--run-dir", str(run))
     assert done.returncode == 0, done.stderr
     assert "trainers ['cpu', 'cpu'] (gloo)" in done.stdout
     state = torch.load(run / "checkpoint.pt", weights_only=False)
@@ -1128,10 +1174,20 @@ def test_layout_runs_to_completion(tmp_path):
     own = sum(float(p.double().sum()) for name, p in state["net"].items() if "running" not in name
               and "num_batches" not in name)
     assert abs(own - checksums[0]) < 1e-6 * max(1.0, abs(own))
-    assert state["counters"]["env_steps"] == 120 and int(state["buffer"]["counters"][0]) * 2 == 120
-    assert state["updates"] == 120 - 32 + 2  # the replay ratio held across processes
-    assert state["counters"]["reanalyzed_sequences"] > 0 and int(state["buffer"]["reanalyzed"].sum()) > 0
+    assert state["counters"]["env_steps"] == 80 and int(state["buffer"]["counters"][0]) * 2 == 80
+    assert state["updates"] == 80 - 32 + 2 == 2 * adam_steps(state)  # 50 batches in 25 steps of 2 trainers
+    reanalyzed = state["counters"]["reanalyzed_sequences"]
+    # each trained batch of 4 had its first 1 (--reanalyze-fraction 0.25) reanalysed; a few more were sampled ahead
+    assert 50 <= reanalyzed <= 50 + 2 * M.LOOKAHEAD and int(state["buffer"]["reanalyzed"].sum()) > 0
     assert scalars(run, "charts/weights_staleness")
+
+    resumed = run_script("--resume", str(run / "checkpoint.pt"), "--total-env-steps", "120", "--run-dir", str(run),
+                         timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["counters"]["env_steps"] == 120 and state["args"]["devices"] == "cpu,cpu,cpu,cpu"
+    assert state["updates"] == 120 - 32 + 2 == 2 * adam_steps(state)  # the saved buffer: no warm-up again
+    assert state["counters"]["reanalyzed_sequences"] >= reanalyzed + 40
 
 
 def test_torchrun_two_nodes(tmp_path):
@@ -1286,3 +1342,177 @@ def test_sigint_in_the_single_process_checkpoints(tmp_path, sig):
     output = process.communicate(timeout=60)[0]
     assert process.returncode == 130 and "interrupted: checkpoint saved" in output, output
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["counters"]["env_steps"] >= 80
+
+
+# ---------------------------------------------------------------------------------------------
+# EfficientZero's Atari-100k recipe, checkpoints that fail in one line
+# ---------------------------------------------------------------------------------------------
+def test_defaults_are_efficientzeros_recipe():
+    args = M.parse_args([])
+    assert args.discount == pytest.approx(0.997 ** 4)  # 0.997 per frame, 4 frames per agent step
+    assert (args.train_episode_frames, args.max_episode_frames) == (12_000, 108_000)
+    assert args.episodic_life and args.clip_rewards and args.augment
+    assert (args.min_q_span, args.auto_td_steps_ratio, args.td_steps) == (0.01, 0.3, 5)
+    assert (args.optimizer, args.lr) == ("sgd", 0.2)
+    assert M.parse_args(["--optimizer", "adam"]).lr == 3e-4  # SGD's 0.2 would wreck Adam
+    assert M.parse_args(["--optimizer", "adam", "--lr", "1e-3"]).lr == 1e-3
+
+
+def test_training_and_evaluation_envs_cap_episodes_differently():
+    args = M.parse_args(["--game", "breakout", "--train-episode-frames", "40", "--noop-max", "0"])
+    train_envs, eval_envs = M.make_atari_env_fn(args)(1), M.make_atari_env_fn(args, evaluation=True)(1)
+    try:
+        for envs in (train_envs, eval_envs):
+            envs.reset(seed=0)
+        cut = [bool(train_envs.step(np.zeros(1, np.int64))[3][0]) for _ in range(10)]
+        assert cut == [False] * 9 + [True]  # 40 frames = 10 agent steps
+        assert not any(eval_envs.step(np.zeros(1, np.int64))[3][0] for _ in range(12))
+    finally:
+        train_envs.close(), eval_envs.close()
+
+
+def test_network_starts_with_uniform_policy_and_zero_values():
+    args = M.parse_args(["--channels", "8", "--support-size", "10", "--proj-hidden", "16", "--proj-dim", "16",
+                         "--pred-hidden", "8"])
+    net = M.MuZeroNet((1, 5, 5), 2, 4, args).eval()
+    obs = torch.randint(0, 256, (3, 2, 5, 5), dtype=torch.uint8)
+    latent, policy, value = net.initial_inference(obs)
+    assert torch.equal(policy, torch.zeros(3, 4))  # EfficientZero's init_zero: a uniform prior
+    assert torch.equal(M.support_to_scalar(value, 10), torch.zeros(3))
+    _, reward, policy, value = net.recurrent_inference(latent, torch.tensor([0, 1, 3]))
+    assert torch.equal(policy, torch.zeros(3, 4)) and torch.equal(M.support_to_scalar(reward, 10), torch.zeros(3))
+
+
+def test_support_to_scalar_keeps_the_sign_near_zero():
+    """In float32 the 601-atom expectation and h^-1's cancellation err by ~1e-5: small values
+    came back with the wrong sign. Decoding in float64 keeps them."""
+    x = torch.tensor([1e-5, -1e-5, 4e-5, -4e-5, 3e-4, -3e-4, 1e-3, -1e-3, 0.0])
+    back = M.support_to_scalar(torch.log(M.scalar_to_support(x, 300)), 300)
+    assert torch.equal(torch.sign(back), torch.sign(x))
+    torch.testing.assert_close(back, x, rtol=1e-3, atol=1e-7)
+
+
+def shifted_reference(image, dy, dx):
+    """image [..., H, W] shifted by (dy, dx) with edge replication: out[i, j] = in[clip(i+dy), clip(j+dx)]."""
+    H, W = image.shape[-2:]
+    out = np.empty_like(image)
+    for i in range(H):
+        for j in range(W):
+            out[..., i, j] = image[..., min(max(i + dy, 0), H - 1), min(max(j + dx, 0), W - 1)]
+    return out
+
+
+def test_augment_shifts_and_scales_each_sample_as_one():
+    """Each sample: one shift in [-4, 4]^2 with replicated edges and one brightness factor in
+    1 +- 0.1, the same for all its positions and channels (the NCE targets stay aligned with the
+    unrolled steps); samples differ; the input is untouched."""
+    g = torch.Generator().manual_seed(0)
+    B, P, C, H, W = 64, 3, 2, 7, 9
+    obs = torch.randint(1, 256, (B, P, C, H, W), dtype=torch.uint8, generator=g)
+    before = obs.clone()
+    out = M.augment(obs, torch.Generator().manual_seed(1))
+    assert torch.equal(obs, before) and out.dtype == torch.float32 and out.shape == obs.shape
+    offsets, factors = set(), []
+    for b in range(B):
+        matches = []
+        for dy in range(-4, 5):
+            for dx in range(-4, 5):
+                ref = torch.from_numpy(shifted_reference(obs[b].numpy(), dy, dx)).float()
+                factor = float(out[b].sum() / ref.sum())
+                if torch.allclose(out[b], ref * factor, rtol=1e-5, atol=1e-3):
+                    matches.append((dy, dx, factor))
+        assert len(matches) >= 1, f"sample {b} is no single shift and scale of its input"
+        dy, dx, factor = matches[0]
+        offsets.add((dy, dx))
+        factors.append(factor)
+    assert all(0.9 - 1e-6 <= f <= 1.1 + 1e-6 for f in factors) and len(set(round(f, 6) for f in factors)) > B // 2
+    assert len(offsets) > 20 and {dy for dy, _ in offsets} == set(range(-4, 5))
+    assert torch.equal(M.augment(obs, torch.Generator().manual_seed(1)), out)  # seeded: reproducible
+
+
+def test_td_steps_shrink_with_age():
+    """EfficientZero's n = clip(5 - age // (0.3 x total env steps), 1, 5), age in env steps over all envs."""
+    args = M.parse_args(["--num-envs", "4", "--total-env-steps", "1000", "--learning-starts", "400"])
+    steps = 1000  # the buffer has written rows 0..999 of each env
+    ages = torch.tensor([0, 296, 300, 596, 600, 1196, 1200, 5000])  # env steps (4 per row); 300 per step of n
+    time = steps - 1 - ages // 4
+    assert M.td_steps_by_age(args, time, steps).tolist() == [5, 5, 4, 4, 3, 2, 1, 1]
+    args.auto_td_steps_ratio = 0.0
+    assert M.td_steps_by_age(args, time, steps).tolist() == [5] * 8
+
+
+def test_n_step_targets_with_a_horizon_per_sample():
+    """Sample b's own n_b <= the window's n: the same targets as a window of n_b (hand computed)."""
+    S, K, n, d, A = 2, 2, 4, 0.8, 2
+    o, W = S - 1, S - 1 + K + n + 1
+    g = torch.Generator().manual_seed(3)
+    B = 24
+    reward = torch.randint(1, 9, (B, W), generator=g).float()
+    root_value = torch.randn(B, W, generator=g) * 10
+    terminal = torch.rand(B, W, generator=g) < 0.1
+    truncated = (torch.rand(B, W, generator=g) < 0.1) & ~terminal
+    td = torch.randint(1, n + 1, (B,), generator=g)
+    seq = M.Sequences(frames=torch.zeros(B, W, 1, 1, 1, dtype=torch.uint8), action=torch.zeros(B, W, dtype=torch.long),
+                      reward=reward, terminal=terminal, truncated=truncated, episode_step=torch.arange(W).repeat(B, 1),
+                      policy=torch.full((B, W, A), 0.5), root_value=root_value, network_value=torch.zeros(B, W))
+    targets = M.n_step_targets(seq, root_value[:, o:], K, td, d, S)
+    assert len(set(td.tolist())) == n
+    for b in range(B):
+        rows = slice(o, o + K + int(td[b]) + 1)  # the window sample b would have with its own n
+        z, vmask, pmask, r, rmask, nmask = hand_targets(reward[b, rows].tolist(), root_value[b, rows].tolist(),
+                                                        terminal[b, rows].tolist(), truncated[b, rows].tolist(),
+                                                        K, int(td[b]), d)
+        assert targets.value_mask[b].tolist() == vmask and targets.policy_mask[b].tolist() == pmask
+        for k in range(K + 1):
+            if vmask[k]:
+                assert float(targets.value[b, k]) == pytest.approx(z[k], rel=1e-5, abs=1e-4), (b, k)
+
+
+def fake_checkpoint(path, **changes):
+    """A checkpoint dict with the keys a real one has and the TINY run's flags."""
+    args = vars(M.parse_args(TINY))
+    args.update(changes)
+    state = {"args": args, "net": {}, "target": {}, "optimizer": {}, "updates": 0, "acting": {}, "counters": {}}
+    torch.save(state, path)
+    return path
+
+
+def one_line_exit(argv):
+    with pytest.raises(SystemExit) as error:
+        M.parse_args(argv)
+    message = str(error.value.code)
+    assert "\n" not in message and message.startswith("muzero_nce.py: error: ")
+    return message
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+    good = fake_checkpoint(tmp_path / "good.pt")
+    data = good.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[:len(data) // 2])
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save({"net": {}, "updates": 3}, tmp_path / "partial.pt")
+    for name, pattern in [("truncated.pt", r"cannot read the checkpoint \(truncated or not a checkpoint"),
+                          ("text.pt", r"cannot read the checkpoint"),
+                          ("list.pt", r"not a checkpoint of this script \(no args, net"),
+                          ("partial.pt", r"not a checkpoint of this script \(no args, target, optimizer, acting")]:
+        path = str(tmp_path / name)
+        assert re.search(rf"--resume {re.escape(path)}: {pattern}", one_line_exit(["--resume", path])), name
+    # flags that shape the checkpoint cannot change; others can
+    message = one_line_exit(["--resume", str(good), "--channels", "16"])
+    assert re.search(r"saved with --channels=8, which cannot change on resume \(given --channels=16\)", message)
+    assert "--game" in message and "--support-size" in message
+    assert "--game=ms_pacman" in one_line_exit(["--resume", str(good), "--game", "breakout"])
+    assert M.parse_args(["--resume", str(good), "--total-env-steps", "500"]).total_env_steps == 500
+    with_buffer = fake_checkpoint(tmp_path / "buffer.pt")
+    state = torch.load(with_buffer, weights_only=False)
+    torch.save({**state, "buffer": {}}, with_buffer)
+    assert "saved with --buffer-size=200" in one_line_exit(["--resume", str(with_buffer), "--buffer-size", "400"])
+    assert M.parse_args(["--resume", str(good), "--buffer-size", "400"]).buffer_size == 400  # no buffer saved: free
+    # flags that did not exist when the checkpoint was written take their defaults
+    old = fake_checkpoint(tmp_path / "old.pt")
+    state = torch.load(old, weights_only=False)
+    del state["args"]["augment"], state["args"]["min_q_span"]
+    torch.save(state, old)
+    args = M.parse_args(["--resume", str(old)])
+    assert args.augment and args.min_q_span == 0.01 and args.channels == 8
