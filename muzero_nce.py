@@ -3,6 +3,7 @@
     python muzero_nce.py --game ms_pacman                    # train (GPU if there is one)
     python muzero_nce.py --game ms_pacman --num-gpus 4       # search on GPU 0, DDP on GPUs 1-3
     python muzero_nce.py --resume runs/<run>/checkpoint.pt   # continue a run
+    python muzero_nce.py --evaluate runs/<run>/checkpoint.pt --capture-video   # score and watch it
     python -m pytest -q test_smoke.py                        # tests
 
 Data flow (Schrittwieser et al. 2020, MuZero; Ye et al. 2021, EfficientZero; Oord et al. 2018, InfoNCE):
@@ -25,10 +26,12 @@ import argparse
 import copy
 import datetime
 import difflib
+import json
 import math
 import os
 import pickle
 import random
+import shlex
 import signal
 import sys
 import time
@@ -129,8 +132,19 @@ def build_parser():
                    help="also keep each periodic checkpoint as checkpoint_<env steps>.pt")
     g.add_argument("--run-dir", default=None,
                    help="where tensorboard events and checkpoints go (default runs/<game>__<seed>__<time>)")
-    g.add_argument("--resume", default=None, metavar="PATH",
-                   help="continue from a checkpoint; flags given again on the command line override the saved ones")
+    checkpoint = g.add_mutually_exclusive_group()
+    checkpoint.add_argument("--resume", default=None, metavar="PATH",
+                            help="continue from a checkpoint; flags given again on the command line override the "
+                                 "saved ones")
+    checkpoint.add_argument("--evaluate", default=None, metavar="PATH",
+                            help="score a checkpoint's final weights with its own evaluation settings (flags given "
+                                 "again override them, e.g. --eval-episodes, --device): prints the mean, std, min and "
+                                 "max return and writes them to <checkpoint>_eval.json beside it")
+    g.add_argument("--capture-video", action=argparse.BooleanOptionalAction, default=False,
+                   help="record the first episode of each evaluation as the agent sees it (the newest 96x96 frame "
+                        "of each stack, at 15 steps/s: real time) to <run dir>/videos/eval_<env steps>.mp4 (with "
+                        "--evaluate: <checkpoint dir>/evaluate/videos/) and, as an animated GIF, to tensorboard "
+                        "(eval/video); needs imageio and imageio-ffmpeg")
     g.add_argument("--save-buffer", action="store_true",
                    help="also store the replay buffer, env and RNG states in checkpoints, so a resumed CPU run repeats exactly")
     g = p.add_argument_group("search")
@@ -231,24 +245,30 @@ FIXED_WITH_BUFFER = ("num_envs", "buffer_size")  # also fixed when the checkpoin
 
 
 def parse_args(argv=None):
-    """Parse flags; with --resume the saved flags come back, overridden by those given now
-    (flags added since the checkpoint was written take their defaults)."""
+    """Parse flags; with --resume or --evaluate the checkpoint's flags come back, overridden by
+    those given now (flags added since the checkpoint was written take their defaults).
+    args.command keeps the command line, so that a run's tensorboard and checkpoint say how
+    it was started."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.resume:
-        state = load_checkpoint(args.resume)
+    path = args.resume or args.evaluate
+    if path:
+        flag = "--resume" if args.resume else "--evaluate"
+        state = load_checkpoint(path, flag)
         parser = build_parser()
         for action in parser._actions:  # parse again, keeping only the flags actually given
             action.default = argparse.SUPPRESS
         given = vars(parser.parse_args(argv))
-        fixed = FIXED_ON_RESUME + (FIXED_WITH_BUFFER if "buffer" in state else ())
+        fixed = FIXED_ON_RESUME + (FIXED_WITH_BUFFER if args.resume and "buffer" in state else ())
         for name in fixed:
             if name in given and given[name] != state["args"].get(name):
-                flag = "--" + name.replace("_", "-")
-                fail(f"--resume {args.resume}: saved with {flag}={state['args'].get(name)}, which cannot change on "
-                     f"resume (given {flag}={given[name]}); these are fixed: "
-                     + ", ".join("--" + n.replace("_", "-") for n in fixed))
-        args = argparse.Namespace(**{**vars(args), **state["args"], **given})
+                name_flag = "--" + name.replace("_", "-")
+                fail(f"{flag} {path}: saved with {name_flag}={state['args'].get(name)}, which cannot change "
+                     f"{'on resume' if args.resume else 'to evaluate it'} (given {name_flag}={given[name]}); these "
+                     f"are fixed: " + ", ".join("--" + n.replace("_", "-") for n in fixed))
+        # a checkpoint of a resumed run saved that run's --resume: it is not this command's
+        args = argparse.Namespace(**{**vars(args), **state["args"], "resume": None, **given})
+    args.command = shlex.join(["python", "muzero_nce.py", *argv])
     if args.lr is None:  # SGD's 0.2 would blow Adam up
         args.lr = 0.2 if args.optimizer == "sgd" else 3e-4
     check_args(args)
@@ -268,6 +288,8 @@ def check_args(args):
     if args.learning_starts // args.num_envs <= needed:
         fail(f"--learning-starts {args.learning_starts} gives {args.learning_starts // args.num_envs} steps per env; "
              f"sampling whole sequences needs more than {needed}")
+    if args.capture_video:
+        video_library()  # a missing library fails now, not at the first evaluation
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,18 +361,19 @@ def save_checkpoint(path, state):
 CHECKPOINT_KEYS = ("args", "net", "target", "optimizer", "updates", "acting", "counters")
 
 
-def load_checkpoint(path):
-    """The checkpoint dict at `path`, or a one-line error saying what is wrong with the file."""
+def load_checkpoint(path, flag="--resume"):
+    """The checkpoint dict at `path`, or a one-line error saying what is wrong with the file
+    (naming the `flag` that gave it)."""
     if not os.path.isfile(path):
-        fail(f"--resume {path}: no such checkpoint file")
+        fail(f"{flag} {path}: no such checkpoint file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # truncated, or not a torch file at all
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        fail(f"--resume {path}: cannot read the checkpoint (truncated or not a checkpoint: {reason})")
+        fail(f"{flag} {path}: cannot read the checkpoint (truncated or not a checkpoint: {reason})")
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
-        fail(f"--resume {path}: not a checkpoint of this script (no {', '.join(missing)})")
+        fail(f"{flag} {path}: not a checkpoint of this script (no {', '.join(missing)})")
     return state
 
 
@@ -411,6 +434,14 @@ def observation_tensor(obs):
     if obs.dim() == 5:
         obs = obs.permute(0, 1, 4, 2, 3)
     return obs.reshape(obs.shape[0], -1, obs.shape[-2], obs.shape[-1])
+
+
+def probe_env_spec(env_fn):
+    """env_spec of one env made by env_fn, for those who need the shapes before their envs."""
+    envs = env_fn(1)
+    spec = env_spec(envs)
+    envs.close()
+    return spec
 
 
 def env_spec(envs):
@@ -1153,19 +1184,25 @@ class Actor:
 
 
 @torch.no_grad()
-def evaluate(net, env_fn, args, device, seed):
+def evaluate(net, env_fn, args, device, seed, video=None):
     """Play --eval-episodes episodes in parallel envs without exploration: no root noise, the
-    most visited action, --eval-simulations. Returns the episode returns [episodes]."""
+    most visited action, --eval-simulations. Returns the episode returns [episodes]. A list
+    passed as `video` receives the first episode's frames as the agent sees them: the newest
+    frame of each observation, [H, W] or [H, W, C], from the reset to the last."""
     envs = env_fn(args.eval_episodes)
     obs, _ = envs.reset(seed=seed)
     returns = np.zeros(args.eval_episodes)
     done = np.zeros(args.eval_episodes, dtype=bool)
     while not done.all():
+        if video is not None and not done[0]:
+            video.append(np.array(obs[0, -1]))  # a copy: vector envs may reuse their observation buffer
         playing = torch.as_tensor(~done)
         out, _ = run_search(net, observation_tensor(obs)[playing].to(device), args, args.eval_simulations)
         action = np.zeros(args.eval_episodes, dtype=np.int64)
         action[~done] = out.action.cpu().numpy()
         obs, reward, terminal, truncated, _ = envs.step(action)
+        if video is not None and not done[0] and (terminal[0] or truncated[0]):
+            video.append(np.array(obs[0, -1]))  # the first episode's last frame
         returns += reward * ~done
         done |= terminal | truncated
     envs.close()
@@ -1432,12 +1469,24 @@ def warm_up_again(counters, args, updates):
     counters.update(start_steps=counters["env_steps"] + args.learning_starts, base_updates=updates)
 
 
+def credited_steps(env_steps, start_steps, args):
+    """Env steps that earn updates after `env_steps`: none before the buffer is warm
+    (`start_steps`), then every env step including the one that made it warm."""
+    return env_steps - start_steps + args.num_envs if env_steps >= start_steps else 0
+
+
 def updates_allowed(env_steps, start_steps, base_updates, args):
-    """Updates (batches) the replay ratio allows after `env_steps`: none before the buffer is
-    warm (`start_steps`), then --train-steps-per-env-step for every env step including that one."""
-    if env_steps < start_steps:
-        return base_updates
-    return base_updates + int((env_steps - start_steps + args.num_envs) * args.train_steps_per_env_step + 1e-9)
+    """Updates (batches) the replay ratio allows after `env_steps`: --train-steps-per-env-step
+    for every credited env step."""
+    return base_updates + int(credited_steps(env_steps, start_steps, args) * args.train_steps_per_env_step + 1e-9)
+
+
+def replay_ratio(counters, updates, args):
+    """The replay ratio actually held: updates done per env step since training started (what
+    updates_allowed holds at --train-steps-per-env-step); NaN before training starts.
+    `counters` are the progress counters (fresh_counters' names)."""
+    steps = credited_steps(counters["env_steps"], counters["start_steps"], args)
+    return (updates - counters["base_updates"]) / steps if steps else math.nan
 
 
 def wait_until(condition, shared, poll=0.002):
@@ -1653,9 +1702,7 @@ def launch(args, layout):
     args.run_dir = default_run_dir(args)
     if not layout.master:
         layout = layout._replace(master=f"tcp://127.0.0.1:{free_port()}")
-    probe = make_atari_env_fn(args)(1)
-    frame_shape, stack, num_actions = env_spec(probe)
-    probe.close()
+    frame_shape, stack, num_actions = probe_env_spec(make_atari_env_fn(args))
     seed_everything(args.seed)
     weights = MuZeroNet(frame_shape, stack, num_actions, args).eval()
     shared = Shared(ctx, args, frame_shape, stack, num_actions, weights, len(layout.trainers))
@@ -1698,7 +1745,7 @@ def launch(args, layout):
                 sys.exit(1)
             steps = int(shared.counters[ENV_STEPS])
             if crossed(steps, steps - last, args.log_interval) or progress.overdue():
-                print_progress(progress, shared, steps)
+                print_progress(progress, shared)
             last = steps
             time.sleep(0.1)
     except KeyboardInterrupt:
@@ -1710,17 +1757,17 @@ def launch(args, layout):
     if failed or not shared.errors.empty():
         report_failure(shared, failed)
         sys.exit(1)
-    print_progress(progress, shared, int(shared.counters[ENV_STEPS]))
+    print_progress(progress, shared)
     return {"eval_return": float(shared.stats[EVAL_RETURN]), "env_steps": int(shared.counters[ENV_STEPS]),
             "updates": int(shared.counters[UPDATES]), "run_dir": args.run_dir}
 
 
-def print_progress(progress, shared, steps):
+def print_progress(progress, shared):
     stats = shared.stats
     progress.returns = [] if math.isnan(stats[RETURN]) else [float(stats[RETURN])]
     progress.eval_return = None if math.isnan(stats[EVAL_RETURN]) else float(stats[EVAL_RETURN])
     progress.loss = None if math.isnan(stats[LOSS]) else float(stats[LOSS])
-    progress.line(steps, int(shared.counters[UPDATES]), int(shared.counters[SIMS]))
+    progress.line(counters_dict(shared.counters), int(shared.counters[UPDATES]))
 
 
 def report_failure(shared, failed):
@@ -1752,13 +1799,18 @@ def shutdown(processes, grace=5.0):
 # 10. Main
 # ---------------------------------------------------------------------------------------------
 class Progress:
-    """Progress lines and tensorboard curves, both keyed by env steps (CleanRL's global_step)."""
+    """Progress lines and tensorboard curves, both keyed by env steps (CleanRL's global_step).
+    Given the run's args (the process that prints the lines), it writes the command and every
+    flag as text, so that runs can be told apart."""
 
     def __init__(self, run_dir, args=None):
         from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only runs need it
-        self.writer = SummaryWriter(run_dir)
+        self.writer, self.args = SummaryWriter(run_dir), args
         if args is not None:
-            self.writer.add_text("args", "\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+            self.writer.add_text("command", args.command)
+            rows = [f"|--{name.replace('_', '-')}|{value}|" for name, value in sorted(vars(args).items())
+                    if name != "command"]
+            self.writer.add_text("args", "\n".join(["|flag|value|", "|-|-|", *rows]))  # a markdown table
         self.returns, self.eval_return, self.loss = [], None, None
         self.mark = (time.time(), 0, 0, 0)
 
@@ -1778,14 +1830,19 @@ class Progress:
     def recent_return(self):
         return float(np.mean(self.returns[-20:])) if self.returns else math.nan
 
-    def line(self, env_steps, updates, sims):
-        """Print `env 48,000 | 3,900 env/s | 190.0k sims/s | 14.0 upd/s | ...` and log the rates."""
+    def line(self, counters, updates):
+        """Print `env 48,000 | 3,900 env/s | 190.0k sims/s | 14.0 upd/s | ...` and log the rates
+        and the replay ratio held. `counters` are the progress counters (fresh_counters' names)."""
+        env_steps, sims = counters["env_steps"], counters["sims"]
         now = time.time()
         seconds = max(now - self.mark[0], 1e-9)
         env_rate, sim_rate, update_rate = ((x - m) / seconds for x, m in zip((env_steps, sims, updates), self.mark[1:]))
         self.mark = (now, env_steps, sims, updates)
         self.scalars({"charts/env_steps_per_s": env_rate, "charts/sims_per_s": sim_rate,
                       "charts/updates_per_s": update_rate}, env_steps)
+        ratio = replay_ratio(counters, updates, self.args)
+        if not math.isnan(ratio):
+            self.scalars({"charts/replay_ratio": ratio}, env_steps)
         recent = self.recent_return()
         print(" | ".join([f"env {env_steps:,}", f"{env_rate:,.0f} env/s", f"{sim_rate / 1000:,.1f}k sims/s",
                           f"{update_rate:,.1f} upd/s", f"upd {updates:,}",
@@ -1793,8 +1850,38 @@ class Progress:
                           "eval -" if self.eval_return is None else f"eval {self.eval_return:,.1f}",
                           "loss -" if self.loss is None else f"loss {self.loss:.3f}"]), flush=True)
 
+    def video(self, frames, step):
+        """frames [T, H, W] or [T, H, W, C] uint8, one evaluation episode: an MP4 file under the
+        run directory, and an animated GIF in tensorboard (which cannot show MP4)."""
+        iio = video_library()
+        frames = np.repeat(frames[..., None], 3, -1) if frames.ndim == 3 else frames  # grey -> RGB
+        path = os.path.join(self.writer.get_logdir(), "videos", f"eval_{step}.mp4")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        iio.imwrite(path, frames, plugin="FFMPEG", fps=VIDEO_FPS)
+        gif = iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / VIDEO_FPS, loop=0)
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        _, height, width, colours = frames.shape
+        image = Summary.Image(height=height, width=width, colorspace=colours, encoded_image_string=gif)
+        self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag="eval/video", image=image)]), step)
+        print(f"video of an evaluation episode ({len(frames)} frames): {path}", flush=True)
+
     def close(self):
         self.writer.close()
+
+
+VIDEO_FPS = 15  # agent steps per second: Atari's 60 frames/s at frameskip 4, so real time
+
+
+def video_library():
+    """imageio, imported only for --capture-video: it writes MP4 through imageio-ffmpeg (which
+    ships its own ffmpeg) and the GIF through pillow (which tensorboard brings)."""
+    try:
+        import imageio.v3 as iio
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        fail("--capture-video needs imageio and imageio-ffmpeg, which are not installed: "
+             "pip install imageio imageio-ffmpeg")
+    return iio
 
 
 def default_run_dir(args):
@@ -1849,9 +1936,14 @@ def search_stats(actor):
 
 
 def run_evaluation(net, env_fn, args, device, env_steps, progress, stats=None):
-    returns = evaluate(net, env_fn, args, device, seed=args.seed + 10_000_019 + env_steps)
+    """Evaluate, seeded by the env steps (so a checkpoint scores again exactly as its run did),
+    log the returns and, with --capture-video, the first episode's video."""
+    video = [] if args.capture_video else None
+    returns = evaluate(net, env_fn, args, device, seed=args.seed + 10_000_019 + env_steps, video=video)
     progress.eval_return = float(returns.mean())
     progress.scalars({"charts/eval_return": returns.mean(), "charts/eval_return_std": returns.std()}, env_steps)
+    if video:
+        progress.video(np.stack(video), env_steps)
     if stats is not None:
         stats[EVAL_RETURN] = float(returns.mean())
     return returns
@@ -1940,15 +2032,17 @@ def train(args, env_fn=None):
                 metrics = update(steps)
                 if progress.overdue():
                     progress.loss = float(metrics["losses/total"])
-                    progress.line(steps, learner.updates, counters["sims"])
+                    progress.line(counters, learner.updates)
             if (args.eval_interval and crossed(steps, E, args.eval_interval)) or final:
                 run_evaluation(net.eval(), eval_env_fn, args, device, steps, progress)
             if crossed(steps, E, args.log_interval) or final:
                 progress.loss = float(metrics["losses/total"]) if metrics else None
-                progress.scalars({**metrics, **search_stats(actor)}, steps)
-                progress.line(steps, learner.updates, counters["sims"])
+                # the acting copy holds the weights of the last multiple of --publish-interval
+                staleness = {"charts/weights_staleness": learner.updates % args.publish_interval}
+                progress.scalars({**metrics, **search_stats(actor), **staleness}, steps)
+                progress.line(counters, learner.updates)
             elif progress.overdue():
-                progress.line(steps, learner.updates, counters["sims"])
+                progress.line(counters, learner.updates)
             if crossed(steps, E, args.checkpoint_interval) or final:
                 save(os.path.join(run_dir, "checkpoint.pt"))
                 if args.keep_checkpoints and not final:
@@ -1987,10 +2081,46 @@ def resume(path, learner, acting, counters, buffer, actor, generators, envs):
     return envs
 
 
+def evaluate_checkpoint(args, env_fn=None):
+    """--evaluate: score a checkpoint's final weights with its run's evaluation protocol and
+    seed (so the run's last evaluation repeats exactly when nothing is overridden); print the
+    statistics of the returns and write them as JSON beside the checkpoint. Tensorboard events
+    (and --capture-video's video) go to <checkpoint dir>/evaluate. `env_fn` as in train()."""
+    device = resolve_device(args.device)
+    atari = env_fn is None
+    env_fn = make_atari_env_fn(args, evaluation=True) if atari else env_fn
+    frame_shape, stack, num_actions = probe_env_spec(env_fn)
+    state = load_checkpoint(args.evaluate, "--evaluate")
+    net = MuZeroNet(frame_shape, stack, num_actions, args)
+    try:
+        net.load_state_dict(state["net"])
+    except Exception as error:  # torch names every bad tensor on a line of its own
+        fail(f"--evaluate {args.evaluate}: the saved weights do not fit the network its flags describe "
+             f"({' '.join(str(error).split())[:300]})")
+    net.to(device).eval()
+    steps = state["counters"]["env_steps"]
+    log_protocol(args, frame_shape, stack, num_actions, f"evaluating {args.evaluate} (env step {steps:,}) on {device}",
+                 atari)
+    progress = Progress(os.path.join(os.path.dirname(os.path.abspath(args.evaluate)), "evaluate"), args)
+    returns = run_evaluation(net, env_fn, args, device, steps, progress)
+    progress.close()
+    result = {"checkpoint": args.evaluate, "env_steps": steps, "episodes": len(returns),
+              "simulations": args.eval_simulations, "mean": float(returns.mean()), "std": float(returns.std()),
+              "min": float(returns.min()), "max": float(returns.max()), "returns": returns.tolist()}
+    path = os.path.splitext(args.evaluate)[0] + "_eval.json"
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"return over {len(returns)} episodes: mean {result['mean']:,.1f} | std {result['std']:,.1f} | "
+          f"min {result['min']:,.1f} | max {result['max']:,.1f} (written to {path})", flush=True)
+    return result
+
+
 def main(argv=None):
     args = parse_args(argv)
-    layout = plan_layout(args)
     torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it; no effect on CPU
+    if args.evaluate:  # before plan_layout: an evaluation runs in this process, whatever the run's layout
+        return evaluate_checkpoint(args)
+    layout = plan_layout(args)
     # SIGTERM (a cluster scheduler's preemption, or torchrun stopping its workers) stops the run
     # the way Ctrl-C does: every process stops and a checkpoint is written.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -9,13 +9,15 @@
   their definition, priorities.
 - Learning: a tiny corridor that needs lookahead (Corridor), solved by a seeded run.
 - Runs: the command line (logs, checkpoints, resume, the same losses twice, one-line errors,
-  failing safely), exact resume, and the process layout (DDP on CPU, torchrun with two nodes, a
+  failing safely), every tensorboard tag, --evaluate and --capture-video (through a stand-in
+  for imageio), exact resume, and the process layout (DDP on CPU, torchrun with two nodes, a
   killed or raising trainer, Ctrl-C).
 
 Each test checks behaviour against an independent computation or a property that would fail
 if the code were wrong, never against numbers recorded from a previous run.
 """
 import inspect
+import json
 import math
 import os
 import pickle
@@ -24,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import gymnasium as gym
 import numpy as np
@@ -1147,6 +1150,214 @@ def test_import_does_not_initialise_cuda():
     assert done.stdout.strip() == "False", done.stderr
 
 
+# --- what tensorboard shows; evaluating and watching a checkpoint ---------------------------
+# What a run's tensorboard must show: returns, throughput, every loss term, InfoNCE accuracy per
+# unroll step, search statistics, the actor's weights staleness, the learning rate and the
+# replay ratio actually held (TINY trains with --jumps 5).
+STORY = ["charts/episode_return", "charts/eval_return", "charts/env_steps_per_s", "charts/sims_per_s",
+         "charts/updates_per_s", "losses/value", "losses/policy", "losses/reward", "losses/nce", "losses/total",
+         *[f"nce/accuracy_step_{k}" for k in range(1, 6)], "search/root_value", "search/visit_entropy",
+         "charts/weights_staleness", "charts/learning_rate", "charts/replay_ratio"]
+
+
+def events(run_dir):
+    """Each event file of a run's own folder, loaded whole."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    for name in sorted(os.listdir(run_dir)):
+        if name.startswith("events.out"):
+            loaded = EventAccumulator(os.path.join(run_dir, name), size_guidance={"scalars": 0, "tensors": 0,
+                                                                                   "images": 0})
+            yield loaded.Reload()
+
+
+def texts(run_dir, tag):
+    from tensorboard.util.tensor_util import make_ndarray
+    return [make_ndarray(e.tensor_proto).item().decode() for loaded in events(run_dir)
+            if f"{tag}/text_summary" in loaded.Tags()["tensors"] for e in loaded.Tensors(f"{tag}/text_summary")]
+
+
+def check_story(run, flags):
+    """Every STORY tag is written, and the command and the flags are there as text."""
+    written = {tag for loaded in events(run) for tag in loaded.Tags()["scalars"]}
+    assert not [tag for tag in STORY if tag not in written], sorted(written)
+    assert texts(run, "command") == ["python muzero_nce.py " + " ".join(flags)]
+    table = texts(run, "args")[0]
+    assert "|--channels|8|" in table and f"|--run-dir|{run}|" in table
+
+
+# A single-process run whose training episodes end (a 40-frame cap) and whose replay ratio does
+# not divide the credited env steps, so that the ratio held differs from the one asked for.
+TINY_RUN = ["--game", "ms_pacman", *TINY, "--total-env-steps", "80", "--train-episode-frames", "40",
+            "--train-steps-per-env-step", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    done = run_script(*TINY_RUN, "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr
+    return run
+
+
+def test_tensorboard_tells_the_story(tiny_run):
+    check_story(tiny_run, [*TINY_RUN, "--run-dir", str(tiny_run)])
+    # training starts at env step 32 (--learning-starts) and earns 0.25 updates per env step from
+    # the step that reached it: at env step 40 that is int(10 x 0.25) = 2 updates for 10 steps,
+    # at 80 int(50 x 0.25) = 12 for 50
+    assert scalars(tiny_run, "charts/replay_ratio") == [(40, pytest.approx(2 / 10)), (80, pytest.approx(12 / 50))]
+    # nothing published yet (--publish-interval 100): the actor lags by every update
+    assert scalars(tiny_run, "charts/weights_staleness") == [(40, 2), (80, 12)]
+
+
+def test_evaluate_repeats_the_runs_last_evaluation(tiny_run):
+    """--evaluate plays with the checkpoint's own protocol and seed, so the run's last
+    evaluation comes back exactly; the protocol line, the statistics and the JSON beside it."""
+    checkpoint = tiny_run / "checkpoint.pt"
+    done = run_script("--evaluate", str(checkpoint))
+    assert done.returncode == 0, done.stderr
+    assert re.search(rf"evaluating {re.escape(str(checkpoint))} \(env step 80\) on cpu \| .*evaluation: 1 episodes, "
+                     r"cap 400 frames, no life loss, 2 simulations", done.stdout), done.stdout
+    result = json.loads((tiny_run / "checkpoint_eval.json").read_text())
+    [(step, last_eval)] = scalars(tiny_run, "charts/eval_return")
+    assert step == result["env_steps"] == 80 and result["returns"] == [pytest.approx(last_eval)]
+    assert (result["mean"], result["std"], result["min"], result["max"]) == (last_eval, 0.0, last_eval, last_eval)
+    assert f"return over 1 episodes: mean {last_eval:,.1f} | std 0.0 | min {last_eval:,.1f}" in done.stdout
+    assert scalars(tiny_run / "evaluate", "charts/eval_return") == [(80, pytest.approx(last_eval))]
+
+
+def test_evaluate_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
+    missing = str(tmp_path / "none.pt")
+    assert one_line_exit(["--evaluate", missing]).endswith(f"--evaluate {missing}: no such checkpoint file")
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    assert "cannot read the checkpoint" in one_line_exit(["--evaluate", str(tmp_path / "text.pt")])
+    good = str(fake_checkpoint(tmp_path / "good.pt"))  # the keys of a checkpoint, but no weights
+    assert "--channels=8, which cannot change to evaluate it" in one_line_exit(["--evaluate", good, "--channels", "16"])
+    with pytest.raises(SystemExit) as error:
+        M.main(["--evaluate", good])
+    message = str(error.value.code)
+    assert "\n" not in message and re.match(rf"muzero_nce.py: error: --evaluate {re.escape(good)}: the saved weights "
+                                            r"do not fit the network its flags describe \(.*Missing key", message)
+    # a checkpoint of a resumed run keeps that run's --resume, which is not this command's
+    resumed = str(fake_checkpoint(tmp_path / "resumed.pt", resume="earlier.pt"))
+    assert M.parse_args(["--evaluate", resumed]).resume is None
+    with pytest.raises(SystemExit):
+        M.parse_args(["--evaluate", good, "--resume", good])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "argument --resume: not allowed with argument --evaluate" in lines[0]
+
+
+def test_capture_video_needs_imageio(monkeypatch):
+    """CI has no video library: the flag is refused at once, naming what to install (here
+    imageio is hidden, so the test holds where it is installed too)."""
+    monkeypatch.setitem(sys.modules, "imageio", None)
+    message = one_line_exit([*TINY, "--capture-video"])
+    assert message.endswith("--capture-video needs imageio and imageio-ffmpeg, which are not installed: "
+                            "pip install imageio imageio-ffmpeg")
+
+
+def stub_imageio(monkeypatch):
+    """A stand-in for imageio (CI has none) that records what it is asked to write, so the
+    recording path runs without the library. Returns the list of (uri, frames, options)."""
+    written = []
+
+    def imwrite(uri, image, **options):
+        written.append((uri, np.array(image), options))
+        if uri == "<bytes>":
+            return b"GIF89a stub"
+        with open(uri, "wb") as f:
+            f.write(b"stub mp4")
+
+    v3 = types.ModuleType("imageio.v3")
+    v3.imwrite = imwrite
+    package = types.ModuleType("imageio")
+    package.v3 = v3
+    for name, module in [("imageio", package), ("imageio.v3", v3), ("imageio_ffmpeg", types.ModuleType("x"))]:
+        monkeypatch.setitem(sys.modules, name, module)
+    return written
+
+
+def spying(env_fn, seen):
+    """env_fn whose envs also hand every observation of env 0 they return to the list `seen`."""
+    def make(num_envs):
+        envs = env_fn(num_envs)
+        reset, step = envs.reset, envs.step
+
+        def spy_reset(**options):
+            obs, info = reset(**options)
+            seen.append(np.array(obs[0]))
+            return obs, info
+
+        def spy_step(action):
+            out = step(action)
+            seen.append(np.array(out[0][0]))
+            return out
+
+        envs.reset, envs.step = spy_reset, spy_step
+        return envs
+    return make
+
+
+def test_video_shows_what_the_agent_sees(tiny_run, tmp_path, monkeypatch):
+    """The video of an Atari evaluation (one episode here) is the newest frame of each of the
+    agent's observations, [96, 96, 3], from the reset to the episode's last. (And the weights
+    scored are the learner's final ones, not the acting copy, which may lag: here it is gone.)"""
+    written = stub_imageio(monkeypatch)
+    state = torch.load(tiny_run / "checkpoint.pt", weights_only=False)
+    torch.save({**state, "acting": {}}, tmp_path / "checkpoint.pt")
+    args = M.parse_args(["--evaluate", str(tmp_path / "checkpoint.pt"), "--capture-video"])
+    seen = []
+    M.evaluate_checkpoint(args, spying(M.make_atari_env_fn(args, evaluation=True), seen))
+    (mp4, frames, _), _ = written
+    assert mp4 == str(tmp_path / "evaluate" / "videos" / "eval_80.mp4")
+    assert frames.shape == (len(seen), 96, 96, 3) and np.array_equal(frames, np.stack([obs[-1] for obs in seen]))
+
+
+def corridor_walk(frames):
+    """Replay a Corridor episode from its frames [T, HEIGHT, WIDTH]: the return it earned, after
+    checking that it starts at the start cell and moves one cell per step."""
+    goal_right = frames[0][1, LENGTH - 1] == 128
+    cells = [int(np.flatnonzero(frame[0 if goal_right else 2] == 255)[0]) for frame in frames]
+    assert cells[0] == (1 if goal_right else LENGTH - 2)
+    assert all(abs(b - a) == 1 for a, b in zip(cells, cells[1:]))
+    goal, decoy = (LENGTH - 1, 0) if goal_right else (0, LENGTH - 1)
+    if len(cells) == MAX_STEPS + 1 and cells[-1] not in (goal, decoy):
+        return 0.0  # truncated
+    assert cells[-1] in (goal, decoy) and all(c not in (goal, decoy) for c in cells[:-1])
+    return GOAL if cells[-1] == goal else DECOY
+
+
+def test_capture_video_records_the_first_evaluation_episode(tmp_path, monkeypatch):
+    """Training with --capture-video writes the first evaluation episode as an MP4 under the run
+    directory and as a GIF into tensorboard; --evaluate on the checkpoint records the same
+    episode again (same weights and seed), and its JSON holds the statistics of the returns."""
+    written = stub_imageio(monkeypatch)
+    args = corridor_args(tmp_path, seed=3, **{"--total-env-steps": 64, "--num-simulations": 2})
+    args.capture_video = True
+    result = M.train(args, env_fn)
+    run = tmp_path / "run"
+    (mp4, frames, options), (gif_uri, gif_frames, _) = written
+    assert mp4 == str(run / "videos" / "eval_64.mp4") and options["fps"] == M.VIDEO_FPS and gif_uri == "<bytes>"
+    assert frames.dtype == np.uint8 and frames.shape[1:] == (HEIGHT, WIDTH, 3) and np.array_equal(frames, gif_frames)
+    assert (frames == frames[..., :1]).all()  # grey frames shown as RGB
+    [image] = [image for loaded in events(run) if "eval/video" in loaded.Tags()["images"]
+               for image in loaded.Images("eval/video")]
+    assert (image.step, image.width, image.height, image.encoded_image_string) == (64, WIDTH, HEIGHT, b"GIF89a stub")
+
+    evaluated = M.evaluate_checkpoint(M.parse_args(["--evaluate", str(run / "checkpoint.pt")]), env_fn)
+    assert evaluated == json.loads((run / "checkpoint_eval.json").read_text())
+    returns = np.array(evaluated["returns"])
+    assert len(returns) == 8 and returns.mean() == pytest.approx(result["eval_return"])
+    assert [evaluated[k] for k in ("mean", "std", "min", "max")] == pytest.approx(
+        [returns.mean(), returns.std(), returns.min(), returns.max()])
+    again, again_frames, _ = written[2]
+    assert again == str(run / "evaluate" / "videos" / "eval_64.mp4") and np.array_equal(again_frames, frames)
+    assert corridor_walk(frames[..., 0]) == returns[0]  # the video is the first episode, whole
+    # flags given with --evaluate override the checkpoint's
+    fewer = M.evaluate_checkpoint(M.parse_args(["--evaluate", str(run / "checkpoint.pt"), "--eval-episodes", "3",
+                                                "--no-capture-video"]), env_fn)
+    assert len(fewer["returns"]) == 3 and len(written) == 4
+
+
 # --- the process layout ---------------------------------------------------------------------
 LAYOUT = [*TINY, "--devices", "cpu,cpu,cpu,cpu"]  # actor, one reanalyze worker, two gloo trainers
 
@@ -1165,8 +1376,13 @@ def test_layout_runs_and_resumes(tmp_path):
     with the buffer picks up every counter, the reanalysed sequences included, and trains on
     at once."""
     run = tmp_path / "run"
-    done = run_script(*LAYOUT, "--total-env-steps", "80", "--save-buffer", "--optimizer", "adam", "--run-dir", str(run))
+    flags = [*LAYOUT, "--total-env-steps", "80", "--save-buffer", "--optimizer", "adam", "--run-dir", str(run),
+             "--train-episode-frames", "40"]  # training episodes end, so their returns are logged
+    done = run_script(*flags)
     assert done.returncode == 0, done.stderr
+    check_story(run, flags)
+    ratios = scalars(run, "charts/replay_ratio")  # trainers may lag the actor, never lead it
+    assert all(0 <= ratio <= 1 + 1e-6 for _, ratio in ratios) and ratios[-1] == (80, 1.0)
     assert "trainers ['cpu', 'cpu'] (gloo)" in done.stdout
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     checksums = state["counters"]["replica_checksums"]
@@ -1179,7 +1395,6 @@ def test_layout_runs_and_resumes(tmp_path):
     reanalyzed = state["counters"]["reanalyzed_sequences"]
     # each trained batch of 4 had its first 1 (--reanalyze-fraction 0.25) reanalysed; a few more were sampled ahead
     assert 50 <= reanalyzed <= 50 + 2 * M.LOOKAHEAD and int(state["buffer"]["reanalyzed"].sum()) > 0
-    assert scalars(run, "charts/weights_staleness")
 
     resumed = run_script("--resume", str(run / "checkpoint.pt"), "--total-env-steps", "120", "--run-dir", str(run),
                          timeout=120)

@@ -1,0 +1,133 @@
+"""Learning curves of muzero_nce.py runs, drawn from their tensorboard event files.
+
+    python benchmarks/plot_curves.py runs/<run> [runs/<run> ...] --out benchmarks/<name>.png
+
+One panel per run, against env steps: the evaluation return (mean over --eval-episodes, with a
+band of one standard deviation), every training episode's return with the mean of the last 20,
+and the game's random-policy score as a dashed line. The panel's title holds the game and the
+exact command that started the run (and each command that resumed it). The events are read with
+tensorboard's own reader (EventAccumulator); the game and the commands come from the run's
+`command` and `args` texts, or else from its checkpoint.pt.
+
+matplotlib is a dependency of this benchmark only, not of muzero_nce.py: pip install matplotlib
+"""
+import argparse
+import os
+import re
+import sys
+import textwrap
+from collections import defaultdict
+
+import numpy as np
+
+# Random-policy scores of the Atari-100k tables (SimPLe, DER, SPR and EfficientZero all report
+# these): the games README's curves use. Another game needs --random-score.
+RANDOM_SCORES = {"ms_pacman": 307.3, "breakout": 1.7, "boxing": 0.1, "pong": -20.7}
+RECENT = 20  # training episodes in the running mean, as in the progress line's return
+
+
+def fail(message):
+    sys.exit(f"plot_curves.py: error: {message}")
+
+
+def read_events(run_dir):
+    """Scalars {tag: [(step, value)]} and texts {tag: [text]} of the event files in run_dir.
+    Each process of a run (and each resume) writes a file of its own: every file is read whole,
+    in the order of their names, which begin with their creation time."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+    if not os.path.isdir(run_dir):
+        fail(f"{run_dir}: no such run directory")
+    names = sorted(name for name in os.listdir(run_dir) if name.startswith("events.out"))
+    if not names:
+        fail(f"{run_dir}: no tensorboard event files (events.out.*) in it")
+    scalars, texts = defaultdict(list), defaultdict(list)
+    for name in names:
+        events = EventAccumulator(os.path.join(run_dir, name), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars[tag] += [(e.step, e.value) for e in events.Scalars(tag)]
+        for tag in events.Tags()["tensors"]:
+            if tag.endswith("/text_summary"):
+                texts[tag.removesuffix("/text_summary")] += [make_ndarray(e.tensor_proto).item().decode()
+                                                             for e in events.Tensors(tag)]
+    return {tag: sorted(values) for tag, values in scalars.items()}, texts
+
+
+def game_and_commands(run_dir, texts):
+    """The run's game and the commands that started and resumed it: from its texts, or else
+    from its checkpoint (a run written before the command was logged)."""
+    games = [match for table in texts.get("args", []) for match in re.findall(r"^\|--game\|(.+)\|$", table, re.M)]
+    commands = list(dict.fromkeys(texts.get("command", [])))  # in order, each once
+    if games and commands:
+        return games[0], commands
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        fail(f"{run_dir}: its events hold no command, and it has no checkpoint.pt to read it from")
+    import torch
+    saved = torch.load(path, map_location="cpu", weights_only=False)["args"]
+    return saved["game"], commands or [saved.get("command", "(command not recorded)")]
+
+
+def running_mean(values, window):
+    return np.array([np.mean(values[max(0, i + 1 - window):i + 1]) for i in range(len(values))])
+
+
+def draw_run(ax, run_dir, random_score):
+    scalars, texts = read_events(run_dir)
+    game, commands = game_and_commands(run_dir, texts)
+    if random_score is None:
+        if game not in RANDOM_SCORES:
+            fail(f"{run_dir}: no random score for {game} in the table ({', '.join(RANDOM_SCORES)}); "
+                 f"give one with --random-score")
+        random_score = RANDOM_SCORES[game]
+    if not scalars.get("charts/eval_return") and not scalars.get("charts/episode_return"):
+        fail(f"{run_dir}: no returns logged yet (charts/eval_return, charts/episode_return)")
+    training = np.array(scalars.get("charts/episode_return", [])).reshape(-1, 2)
+    if len(training):
+        ax.scatter(training[:, 0], training[:, 1], s=4, alpha=0.25, color="tab:blue", label="training episode")
+        ax.plot(training[:, 0], running_mean(training[:, 1], RECENT), color="tab:blue",
+                label=f"training, mean of the last {RECENT} episodes")
+    evaluation = np.array(scalars.get("charts/eval_return", [])).reshape(-1, 2)
+    if len(evaluation):
+        steps, mean = evaluation[:, 0], evaluation[:, 1]
+        ax.plot(steps, mean, "o-", color="tab:red", label="evaluation, mean over its episodes")
+        std = dict(scalars.get("charts/eval_return_std", []))
+        if all(step in std for step in steps):
+            spread = np.array([std[step] for step in steps])
+            ax.fill_between(steps, mean - spread, mean + spread, color="tab:red", alpha=0.15,
+                            label="evaluation, ± 1 std")
+    ax.axhline(random_score, color="grey", linestyle="--", label=f"random policy ({random_score:g})")
+    ax.set_xlabel("env steps (agent steps of 4 frames, all envs together)")
+    ax.set_ylabel("return (game score)")
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    wrapped = "\n".join(textwrap.fill(command, 110, subsequent_indent="    ", break_on_hyphens=False,
+                                                break_long_words=False) for command in commands)
+    ax.set_title(f"{game}\n{wrapped}", loc="left", fontsize=8, family="monospace")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="plot_curves.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories holding tensorboard event files")
+    p.add_argument("--out", required=True, help="PNG file to write, e.g. benchmarks/curves.png")
+    p.add_argument("--random-score", type=float, default=None,
+                   help="the random-policy score to mark, for every run given (default: the Atari-100k table)")
+    args = p.parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        fail("matplotlib is not installed; it is needed by this benchmark only: pip install matplotlib")
+    fig, axes = plt.subplots(len(args.runs), 1, figsize=(11, 5 * len(args.runs)), squeeze=False)
+    for ax, run_dir in zip(axes[:, 0], args.runs):
+        draw_run(ax, run_dir, args.random_score)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
