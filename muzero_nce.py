@@ -151,15 +151,25 @@ def build_parser():
     g.add_argument("--num-simulations", type=non_negative_int, default=50,
                    help="simulations per move when acting and reanalysing (0: act from the policy head)")
     g.add_argument("--eval-simulations", type=non_negative_int, default=50, help="simulations per move when evaluating")
+    g.add_argument("--search", choices=["puct", "gumbel"], default="puct",
+                   help="puct: MuZero's pUCT with Dirichlet noise, visit counts as the policy target; gumbel: Gumbel "
+                        "MuZero (Sequential Halving over Gumbel-sampled root actions, the improved policy as the "
+                        "target), which keeps improving the policy with a few simulations")
     g.add_argument("--c1", type=non_negative_float, default=1.25, help="pUCT exploration constant")
     g.add_argument("--c2", type=positive_float, default=19652.0, help="pUCT visit-count scale (MuZero's c2)")
     g.add_argument("--discount", type=fraction, default=0.997 ** 4,
                    help="discount per agent step (EfficientZero: 0.997 per frame, so 0.997^4 for 4 frames)")
     g.add_argument("--min-q-span", type=non_negative_float, default=0.01,
-                   help="floor on the span of the min-max Q normalisation (EfficientZero's value_delta_max): "
-                        "tiny differences between Q values are not blown up to [0, 1]")
-    g.add_argument("--dirichlet-alpha", type=positive_float, default=0.3, help="root noise concentration when acting")
-    g.add_argument("--dirichlet-fraction", type=fraction, default=0.25, help="root noise weight when acting")
+                   help="floor on the span of pUCT's whole-tree min-max Q normalisation (EfficientZero's "
+                        "value_delta_max): tiny differences between Q values are not blown up to [0, 1]")
+    g.add_argument("--dirichlet-alpha", type=positive_float, default=0.3,
+                   help="pUCT's root noise concentration when acting")
+    g.add_argument("--dirichlet-fraction", type=fraction, default=0.25, help="pUCT's root noise weight when acting")
+    g.add_argument("--max-num-considered-actions", type=positive_int, default=16,
+                   help="gumbel: root actions sampled for Sequential Halving (all of them if there are fewer)")
+    g.add_argument("--c-visit", type=non_negative_float, default=50.0,
+                   help="gumbel: sigma(q) = (c_visit + max visit count) * c_scale * q, q min-max normalised")
+    g.add_argument("--c-scale", type=positive_float, default=0.1, help="gumbel: see --c-visit")
     g = p.add_argument_group("replay and targets")
     g.add_argument("--buffer-size", type=positive_int, default=100_000, help="env steps kept (each frame stored once)")
     g.add_argument("--jumps", type=non_negative_int, default=5, help="unroll steps K of the dynamics in training")
@@ -636,7 +646,8 @@ def make_recurrent_fn(net):
 # 5. Search: B trees as tensors, searched together (the layout of DeepMind's mctx)
 # ---------------------------------------------------------------------------------------------
 # Node 0 of every tree is the root; node i is made at simulation i, so N = simulations + 1.
-# Each simulation walks down all B trees by pUCT (select), makes one batched recurrent_fn call
+# Each simulation walks down all B trees by pUCT (select; gumbel_search, after search, walks
+# them by Gumbel MuZero's rules on the same trees), makes one batched recurrent_fn call
 # for the B new leaves (expand), and adds the leaf values back up the paths (backup). The model
 # enters only through recurrent_fn, so search works with any model and any embedding tensor.
 # Conventions: MuZero's pUCT with c1, c2; Q min-max normalised by the bounds seen in each
@@ -646,7 +657,7 @@ def make_recurrent_fn(net):
 
 class SearchOutput(NamedTuple):
     visit_counts: Tensor  # [B, A] visits of the root's children
-    policy: Tensor        # [B, A] visit counts normalised: the policy target
+    policy: Tensor        # [B, A] the policy target: visit counts normalised (pUCT), the improved policy (Gumbel)
     root_value: Tensor    # [B]    mean of all values backed up through the root
     action: Tensor        # [B]    the action to play
     tree: "Tree" = None   # the searched trees, read-only (inference-mode tensors); None with 0 simulations
@@ -666,6 +677,7 @@ class Tree:
     children: Tensor    # [B, N, A]    the child's flat row, -1 while the action is unexpanded
     embedding: Tensor   # [B, N, ...]  the model's latent at each node
     bounds: Tensor      # [B, 2]       min and max Q seen in each tree
+    values: Tensor      # [B, N]       the model's own value at each node (Gumbel's mixed value reads it)
 
 
 def init_tree(prior, value, embedding, num_nodes):
@@ -679,7 +691,9 @@ def init_tree(prior, value, embedding, num_nodes):
     embeddings = embedding.new_zeros((B, num_nodes) + tuple(embedding.shape[1:]))
     embeddings[:, 0] = embedding
     bounds = torch.tensor([math.inf, -math.inf], device=prior.device).repeat(B, 1)
-    return Tree(nodes, edges, children, embeddings, bounds)
+    values = prior.new_zeros(B, num_nodes)
+    values[:, 0] = value
+    return Tree(nodes, edges, children, embeddings, bounds, values)
 
 
 def q_normaliser(bounds, min_span):
@@ -716,15 +730,21 @@ def puct_scores(tree, rows, discount, explore, scale, shift):
 
 
 def select(tree, roots, discount, explore, min_span):
-    """Walk down all trees from their roots [B] by pUCT until the chosen action is unexpanded.
-    Returns the path [B, D] (node rows; past a tree's depth, its last node repeats), the
-    actions taken along it [B, D] (past the depth, the leaf's action repeats), and the depth [B]."""
+    """Walk down all trees from their roots [B] by pUCT (see descend)."""
     scale, shift = q_normaliser(tree.bounds, min_span)
+    return descend(tree, roots, lambda rows, level: puct_scores(tree, rows, discount, explore, scale, shift).argmax(1))
+
+
+def descend(tree, roots, choose):
+    """Walk down all trees from their roots [B], taking the actions choose(rows, level) [B] at
+    the nodes `rows` [B] of each level (ties: the lowest index), until the chosen action is
+    unexpanded. Returns the path [B, D] (node rows; past a tree's depth, its last node repeats),
+    the actions taken along it [B, D] (past the depth, the leaf's action repeats), and the depth [B]."""
     children = tree.children.view(-1)
     A = tree.children.shape[-1]
     rows, active, path, actions, descended = roots, None, [], [], []
     while True:  # one host sync per level, to stop at the deepest path of this simulation
-        action = puct_scores(tree, rows, discount, explore, scale, shift).argmax(1)  # ties: lowest index
+        action = choose(rows, len(path))
         path.append(rows)
         actions.append(action)
         child = children.index_select(0, rows * A + action)
@@ -736,7 +756,7 @@ def select(tree, roots, discount, explore, min_span):
         rows = torch.where(active, child, rows)
 
 
-def expand(tree, sim, leaf, action, reward, logits, embedding):
+def expand(tree, sim, leaf, action, reward, value, logits, embedding):
     """Make node `sim` of every tree the child of the node rows `leaf` [B] through `action`."""
     B, N, _, A = tree.edges.shape
     tree.children.view(-1)[leaf * A + action] = leaf - leaf % N + sim
@@ -745,6 +765,7 @@ def expand(tree, sim, leaf, action, reward, logits, embedding):
     tree.nodes[:, sim, PRIOR] = tree.edges.view(-1)[leaf * 4 * A + PRIOR * A + action]
     tree.edges[:, sim, PRIOR] = torch.softmax(logits.float(), -1)
     tree.embedding[:, sim] = embedding
+    tree.values[:, sim] = value
 
 
 def discount_matrix(size, discount, device):
@@ -797,21 +818,21 @@ def dirichlet_noise(prior, alpha, fraction, generator=None):
     return (1 - fraction) * prior + fraction * gamma / gamma.sum(-1, keepdim=True)
 
 
-def simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount, c1, c2, min_span):
+def simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount, walk):
     """Grow B trees by num_simulations simulations from their roots: prior [B, A] (noised
-    already), root_value [B], root_embedding [B, ...]. Returns the Tree."""
+    already), root_value [B], root_embedding [B, ...]. walk(tree, roots, sim) is the selection
+    (pUCT's select, or Gumbel MuZero's) and returns what select returns. Returns the Tree."""
     B, A = prior.shape
     N = num_simulations + 1
     tree = init_tree(prior, root_value, root_embedding, N)
     discounts = discount_matrix(N + 1, discount, prior.device)
-    explore = exploration_table(N, c1, c2, prior.device)
     roots = torch.arange(B, device=prior.device) * N                             # node rows of the roots
     embeddings = tree.embedding.view((B * N,) + tree.embedding.shape[2:])
     for sim in range(1, N):
-        path, actions, depth = select(tree, roots, discount, explore, min_span)
+        path, actions, depth = walk(tree, roots, sim)
         leaf, action = path[:, -1], actions[:, -1]                               # [B] each
         reward, value, logits, embedding = recurrent_fn(embeddings.index_select(0, leaf), action)
-        expand(tree, sim, leaf, action, reward.float(), logits, embedding)
+        expand(tree, sim, leaf, action, reward.float(), value.float(), logits, embedding)
         backup(tree, path, actions, depth, roots + sim, value.float(), discount, discounts)
     return tree
 
@@ -833,14 +854,123 @@ def search(root_logits, root_value, root_embedding, recurrent_fn, num_simulation
     # Inference mode drops the autograd bookkeeping that no_grad still does on every op (version
     # counters, view tracking): a fifth of the search's time at B = 64, where small ops dominate.
     with torch.inference_mode():
-        tree = simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount, c1, c2,
-                        min_q_span)
+        explore = exploration_table(num_simulations + 1, c1, c2, prior.device)
+        walk = lambda tree, roots, sim: select(tree, roots, discount, explore, min_q_span)
+        tree = simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount, walk)
         visit_counts = tree.edges[:, 0, VISITS]
         root_value = tree.nodes[:, 0, VALUE_SUM] / tree.nodes[:, 0, VISITS]
     # cloned outside inference mode they are normal tensors, fit to be training targets
     visit_counts, root_value = visit_counts.clone(), root_value.clone()
     return SearchOutput(visit_counts, visit_counts / visit_counts.sum(-1, keepdim=True), root_value,
                         select_action(visit_counts, temperature, generator), tree)
+
+
+# Gumbel MuZero (Danihelka et al. 2022, "Policy improvement by planning with Gumbel") on the
+# same trees, following DeepMind mctx's gumbel_muzero_policy where the paper leaves a choice.
+# At the root, Gumbel-top-k samples the actions to consider (without replacement: the m
+# largest of gumbel + logits) and Sequential Halving spends the simulations on them, halving
+# them phase by phase. Below the root, a deterministic rule makes the visit counts follow the
+# improved policy. Both read sigma(completed Q): an unvisited action's Q is the node's mixed
+# value; the completed Q are min-max normalised over that node's own actions (mctx's per-node
+# scheme, not the whole-tree bounds pUCT uses), then scaled by sigma. The policy target is
+# the improved policy softmax(logits + sigma(completed Q)), not the visit counts, and the
+# action played is the Sequential Halving winner.
+
+def considered_visits(num_considered, num_simulations):
+    """Sequential Halving's schedule (mctx's get_sequence_of_considered_visits): entry s is the
+    visit count that an action must have for the root's simulation s (from 0) to pick it.
+    A phase with k actions gives each of them max(1, n // (ceil(log2 m) k)) more visits, one
+    round of k simulations at a time; the next phase keeps k // 2 of them (at least 2), until
+    the n simulations are spent. With a single action, that action takes every simulation."""
+    if num_considered <= 1:
+        return list(range(num_simulations))
+    phases = math.ceil(math.log2(num_considered))
+    schedule, visits, k = [], 0, num_considered
+    while len(schedule) < num_simulations:
+        rounds = max(1, num_simulations // (phases * k))
+        for extra in range(rounds):
+            schedule += [visits + extra] * k
+        visits += rounds
+        k = max(2, k // 2)
+    return schedule[:num_simulations]
+
+
+def sample_gumbel(like, generator=None):
+    """Standard Gumbel noise shaped like `like`: -log of Exponential(1) draws."""
+    return -torch.empty_like(like, dtype=torch.float32).exponential_(generator=generator).log()
+
+
+def sigma_completed_q(tree, rows, discount, c_visit, c_scale):
+    """sigma(completed Q) [B, A] of every action at the nodes `rows` [B] (mctx's
+    qtransform_completed_by_mix_value), with the actions' visit counts [B, A] and priors [B, A].
+    A visited action's Q is r + discount * mean value. An unvisited one takes the node's mixed
+    value (the paper's Eq. 33), a weighted mean of two estimates: the model's own value at the
+    node, with weight 1, and the visited actions' Q averaged under their renormalised prior,
+    with weight sum_a N(a). The completed Q are then min-max normalised over the node's actions
+    (all equal: all 0) and scaled by sigma's (c_visit + max_a N(a)) c_scale."""
+    B, N, _, A = tree.edges.shape
+    prior, n, value_sum, reward = tree.edges.view(B * N, 4, A).index_select(0, rows).unbind(1)  # [B, A] each
+    visited = n > 0
+    q = torch.addcdiv(reward, value_sum, n.clamp(min=1), value=discount)
+    tiny = torch.finfo(prior.dtype).tiny  # a visited action whose prior underflowed to 0 still counts
+    weight = torch.where(visited, prior.clamp(min=tiny), 0.0)
+    visited_q = (weight * q).sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp(min=tiny)   # [B, 1]
+    total = n.sum(1, keepdim=True)
+    raw_value = tree.values.view(-1).index_select(0, rows)[:, None]
+    mixed = (raw_value + total * visited_q) / (total + 1)
+    completed = torch.where(visited, q, mixed)
+    low, high = completed.aminmax(dim=1, keepdim=True)
+    normalised = (completed - low) / (high - low).clamp(min=1e-8)  # mctx's epsilon: equal values give 0
+    return (c_visit + n.amax(1, keepdim=True)) * c_scale * normalised, n, prior
+
+
+def halving_scores(gumbel, logits, sigma, visits, considered):
+    """Sequential Halving's choice among the actions with `considered` visits (an int or [B, 1]):
+    the largest gumbel + logits + sigma(completed Q) [B, A]; the others score -inf."""
+    score = (gumbel + logits + sigma).clamp(min=-1e9)  # a prior of 0 stays a candidate, below the rest
+    return score.masked_fill(visits != considered, -math.inf)
+
+
+def gumbel_interior_action(tree, rows, discount, c_visit, c_scale):
+    """The paper's deterministic selection below the root: argmax_a pi'(a) - N(a) / (1 + sum_b N(b)),
+    pi' the node's improved policy, so that the visit counts follow pi' (ties: the lowest index)."""
+    sigma, n, prior = sigma_completed_q(tree, rows, discount, c_visit, c_scale)
+    improved = torch.softmax(torch.log(prior) + sigma, -1)
+    return (improved - n / (1 + n.sum(1, keepdim=True))).argmax(1)
+
+
+@torch.no_grad()
+def gumbel_search(root_logits, root_value, root_embedding, recurrent_fn, num_simulations, *, discount=0.997,
+                  max_num_considered_actions=16, c_visit=50.0, c_scale=0.1, gumbel_scale=1.0, generator=None):
+    """Batched Gumbel MuZero search, with search's inputs and outputs. The policy is the improved
+    policy softmax(logits + sigma(completed Q)) [B, A]; the action is the Sequential Halving winner
+    (of the most visited actions, the largest gumbel + logits + sigma). gumbel_scale=0 searches
+    without Gumbel noise (evaluation): deterministic, the considered actions are then the most
+    probable ones. With 0 simulations the policy is the prior and the action argmax(gumbel + logits)."""
+    logits = torch.log_softmax(root_logits.float(), -1)                         # [B, A]
+    prior, root_value = logits.exp(), root_value.float()
+    gumbel = gumbel_scale * sample_gumbel(logits, generator) if gumbel_scale else torch.zeros_like(logits)
+    if num_simulations == 0:
+        return SearchOutput(torch.zeros_like(prior), prior, root_value, (gumbel + logits).argmax(-1))
+    schedule = considered_visits(min(max_num_considered_actions, logits.shape[1]), num_simulations)
+
+    def walk(tree, roots, sim):
+        # the root has had sim - 1 visits so far: its Sequential Halving step is schedule[sim - 1]
+        sigma, visits, _ = sigma_completed_q(tree, roots, discount, c_visit, c_scale)
+        root_action = halving_scores(gumbel, logits, sigma, visits, schedule[sim - 1]).argmax(1)
+        return descend(tree, roots, lambda rows, level: root_action if level == 0 else
+                       gumbel_interior_action(tree, rows, discount, c_visit, c_scale))
+
+    with torch.inference_mode():
+        tree = simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount, walk)
+        roots = torch.arange(len(logits), device=logits.device) * (num_simulations + 1)
+        sigma, visit_counts, _ = sigma_completed_q(tree, roots, discount, c_visit, c_scale)
+        most_visited = visit_counts.amax(1, keepdim=True)
+        action = halving_scores(gumbel, logits, sigma, visit_counts, most_visited).argmax(1)
+        policy = torch.softmax(logits + sigma, -1)
+        root_value = tree.nodes[:, 0, VALUE_SUM] / tree.nodes[:, 0, VISITS]
+    # cloned outside inference mode they are normal tensors, fit to be training targets
+    return SearchOutput(visit_counts.clone(), policy.clone(), root_value.clone(), action.clone(), tree)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1105,9 +1235,18 @@ def muzero_losses(outputs, targets, target_projections, same_episode, args, supp
 # 8. Acting, reanalyze, training step: what the process loops of section 9 call
 # ---------------------------------------------------------------------------------------------
 def run_search(net, obs, args, num_simulations, temperature=0.0, noise=False, generator=None):
-    """initial_inference on observations [B, S*C, H, W], then the batched search."""
+    """initial_inference on observations [B, S*C, H, W], then the batched search (--search).
+    `noise` is the root's Dirichlet noise (pUCT) or Gumbel noise (Gumbel). Gumbel MuZero plays
+    the Sequential Halving winner: its Gumbel noise already samples the move, so `temperature`
+    (pUCT's visit-count temperature) does not apply to it."""
     latent, policy_logits, value_logits = net.initial_inference(obs)
     value = support_to_scalar(value_logits, net.support_size)
+    if args.search == "gumbel":
+        out = gumbel_search(policy_logits, value, latent, make_recurrent_fn(net), num_simulations,
+                            discount=args.discount, max_num_considered_actions=args.max_num_considered_actions,
+                            c_visit=args.c_visit, c_scale=args.c_scale, gumbel_scale=1.0 if noise else 0.0,
+                            generator=generator)
+        return out, value
     out = search(policy_logits, value, latent, make_recurrent_fn(net), num_simulations, discount=args.discount,
                  c1=args.c1, c2=args.c2, min_q_span=args.min_q_span, dirichlet_alpha=args.dirichlet_alpha,
                  dirichlet_fraction=args.dirichlet_fraction if noise else 0.0, temperature=temperature,
@@ -1186,9 +1325,10 @@ class Actor:
 @torch.no_grad()
 def evaluate(net, env_fn, args, device, seed, video=None):
     """Play --eval-episodes episodes in parallel envs without exploration: no root noise, the
-    most visited action, --eval-simulations. Returns the episode returns [episodes]. A list
-    passed as `video` receives the first episode's frames as the agent sees them: the newest
-    frame of each observation, [H, W] or [H, W, C], from the reset to the last."""
+    most visited action (Gumbel: the Sequential Halving winner, without Gumbel noise),
+    --eval-simulations. Returns the episode returns [episodes]. A list passed as `video`
+    receives the first episode's frames as the agent sees them: the newest frame of each
+    observation, [H, W] or [H, W, C], from the reset to the last."""
     envs = env_fn(args.eval_episodes)
     obs, _ = envs.reset(seed=seed)
     returns = np.zeros(args.eval_episodes)
@@ -1922,7 +2062,8 @@ def log_protocol(args, frame_shape, stack, num_actions, placement, atari=True):
                 f"{'a lost life ends an episode' if args.episodic_life else 'no life loss'}, "
                 f"{'clipped' if args.clip_rewards else 'raw'} rewards")
     evaluation = (f"evaluation: {args.eval_episodes} episodes, {cap(args.max_episode_frames)}no life loss, "
-                  f"{args.eval_simulations} simulations, no noise, most-visited action, final weights scored")
+                  f"{args.eval_simulations} simulations ({args.search}), no noise, "
+                  f"{'most-visited' if args.search == 'puct' else 'Sequential Halving'} action, final weights scored")
     print(f"{env} | frames {frame_shape} x {stack} | {num_actions} actions | {placement} | {training} | {evaluation}",
           flush=True)
 

@@ -3,11 +3,14 @@
     python -m pytest -q test_smoke.py
 
 - Search: the batched search against a plain one-tree-at-a-time MCTS written here, tree
-  invariants, batch independence, zero simulations, noise and temperature.
+  invariants, batch independence, zero simulations, noise and temperature; Gumbel MuZero's
+  search against a plain recursive one (Sequential Halving, the non-root rule, completed Q),
+  Gumbel-top-k, and the improved policy's guarantee.
 - Utilities and losses: h and the supports, InfoNCE against a hand computation.
 - Replay: the ring, stacks rebuilt against a real env's own, n-step targets against loops over
   their definition, priorities.
-- Learning: a tiny corridor that needs lookahead (Corridor), solved by a seeded run.
+- Learning: a tiny corridor that needs lookahead (Corridor), solved by a seeded run, and by
+  Gumbel MuZero with 4 simulations.
 - Runs: the command line (logs, checkpoints, resume, the same losses twice, one-line errors,
   failing safely), every tensorboard tag, --evaluate and --capture-video (through a stand-in
   for imageio), exact resume, and the process layout (DDP on CPU, torchrun with two nodes, a
@@ -270,6 +273,7 @@ def check_tree(tree, model, roots, root_value, sim, discount):
             own_prior = torch.softmax(model.logits[state].double(), -1)
             torch.testing.assert_close(edges[b, n, PRIOR], own_prior, rtol=1e-5, atol=1e-6)
             own_value = float(root_value[b]) if n == 0 else float(model.value[state])
+            assert float(tree.values[b, n]) == own_value  # the model's own value, kept for Gumbel's mixed value
             expected_visits, expected_sum = 1.0, own_value
             for a in range(A):
                 c = int(children[b, n, a])
@@ -385,18 +389,27 @@ def test_q_normaliser():
 # ---------------------------------------------------------------------------------------------
 # 4. zero simulations, determinism, noise, temperature
 # ---------------------------------------------------------------------------------------------
-def test_zero_simulations_returns_prior():
+@pytest.mark.parametrize("gumbel", [False, True])
+def test_zero_simulations_returns_prior(gumbel):
     g = torch.Generator().manual_seed(0)
     logits, value = torch.randn(4, 6, generator=g), torch.randn(4, generator=g)
 
     def never(*_):
         raise AssertionError("recurrent_fn called with 0 simulations")
 
-    out = M.search(logits, value, torch.zeros(4, 3), never, 0, dirichlet_fraction=0.0)
+    if gumbel:
+        out = M.gumbel_search(logits, value, torch.zeros(4, 3), never, 0, gumbel_scale=0.0)
+    else:
+        out = M.search(logits, value, torch.zeros(4, 3), never, 0, dirichlet_fraction=0.0)
     torch.testing.assert_close(out.policy, torch.softmax(logits, -1))
     assert torch.equal(out.visit_counts, torch.zeros(4, 6))
     torch.testing.assert_close(out.root_value, value)
     assert torch.equal(out.action, logits.argmax(-1))
+    if gumbel:  # with Gumbel noise the action is argmax(gumbel + logits), a sample from the prior
+        noisy = M.gumbel_search(logits, value, torch.zeros(4, 3), never, 0,
+                                generator=torch.Generator().manual_seed(1))
+        noise = M.sample_gumbel(logits, torch.Generator().manual_seed(1))
+        assert torch.equal(noisy.action, (noise + torch.log_softmax(logits, -1)).argmax(-1))
 
 
 def test_search_is_deterministic_without_noise():
@@ -446,6 +459,247 @@ def test_temperature_zero_takes_argmax_lowest_index():
     g = torch.Generator().manual_seed(0)
     picks = M.select_action(torch.tensor([[0.0, 5.0, 0.0]]).repeat(50, 1), 1.0, g)
     assert (picks == 1).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4b. Gumbel MuZero search == a plain recursive reference
+# ---------------------------------------------------------------------------------------------
+def reference_schedule(m, n):
+    """Sequential Halving written as its phases: the visit count an action needs for the root's
+    simulation s to consider it. Each phase runs rounds in which each of its k actions gets one
+    visit; it has n // (ceil(log2 m) k) rounds (at least one); the next phase keeps k // 2 of
+    them, never fewer than 2. One action alone takes every visit."""
+    if m == 1:
+        return list(range(n))
+    needed, k, done = [], m, 0  # done: visits each action of the current phase already has
+    while len(needed) < n:
+        rounds = max(1, n // (math.ceil(math.log2(m)) * k))
+        needed += [done + r for r in range(rounds) for _ in range(k)]
+        done, k = done + rounds, max(2, k // 2)
+    return needed[:n]
+
+
+def argmax(scores):
+    return max(range(len(scores)), key=lambda a: (scores[a], -a))  # ties: the lowest index
+
+
+def reference_sigma(node, discount, c_visit, c_scale):
+    """(sigma(completed Q), completed Q, visit counts) of a node's actions, from the paper's
+    definitions: Q = r + discount * mean for a visited action, the mixed value otherwise."""
+    A = len(node.prior)
+    n = [node.children[a].visits if a in node.children else 0 for a in range(A)]
+    q = {a: c.reward + discount * c.mean() for a, c in node.children.items()}
+    total = sum(n)
+    mixed = node.raw
+    if total:
+        weighted = sum(node.prior[a] * q[a] for a in q) / sum(node.prior[a] for a in q)
+        mixed = (node.raw + total * weighted) / (1 + total)
+    completed = [q.get(a, mixed) for a in range(A)]
+    lo, hi = min(completed), max(completed)
+    sigma = [(c_visit + max(n)) * c_scale * (x - lo) / max(hi - lo, 1e-8) for x in completed]
+    return sigma, completed, n
+
+
+def reference_gumbel_search(model, state, gumbel, sims, discount, m=16, c_visit=50.0, c_scale=0.1):
+    """One tree, recursively, in Python floats. Root: the schedule's visit count picks the
+    candidates, then the largest gumbel + logits + sigma; below: argmax pi' - N / (1 + sum N).
+    Returns root visit counts, improved policy, action, root value, completed Q at the root and
+    {action path: visits} of the whole tree."""
+    prior = model.root_prior(state)
+    logits = [math.log(p) for p in prior]
+    A = len(prior)
+    root = Node(0.0, prior, state)
+    root.raw = float(model.value[state])
+    root.visits, root.value_sum = 1, root.raw
+    schedule = reference_schedule(min(m, A), sims)
+
+    def choose(node, sim):
+        sigma, _, n = reference_sigma(node, discount, c_visit, c_scale)
+        if node is root:
+            return argmax([gumbel[a] + logits[a] + sigma[a] if n[a] == schedule[sim] else -math.inf
+                           for a in range(A)])
+        z = [math.log(p) + x for p, x in zip(node.prior, sigma)]
+        e = [math.exp(x - max(z)) for x in z]
+        return argmax([x / sum(e) - n[a] / (1 + sum(n)) for a, x in enumerate(e)])
+
+    def simulate(node, sim):
+        """Visit below `node`; returns the return seen from it and adds it to its statistics."""
+        a = choose(node, sim)
+        child = node.children.get(a)
+        if child is None:
+            reward, value, child_prior, next_state = model.step(node.state, a)
+            child = node.children[a] = Node(reward, child_prior, next_state)
+            child.raw, child.visits, child.value_sum = value, 1, value
+            g = value
+        else:
+            g = simulate(child, sim)
+        g = child.reward + discount * g
+        node.visits += 1
+        node.value_sum += g
+        return g
+
+    for sim in range(sims):
+        simulate(root, sim)
+    sigma, completed, n = reference_sigma(root, discount, c_visit, c_scale)
+    action = argmax([gumbel[a] + logits[a] + sigma[a] if n[a] == max(n) else -math.inf for a in range(A)])
+    z = [x + y for x, y in zip(logits, sigma)]
+    e = [math.exp(x - max(z)) for x in z]
+
+    def visits(node, path):
+        for a, c in node.children.items():
+            yield path + (a,), c.visits
+            yield from visits(c, path + (a,))
+    return n, [x / sum(e) for x in e], action, root.mean(), completed, dict(visits(root, ()))
+
+
+def tree_visits(tree, b):
+    """{action path: visits} of tree b of a searched Tree."""
+    N, A = tree.children.shape[1:]
+    found, stack = {}, [((), 0)]
+    while stack:
+        path, node = stack.pop()
+        for a in range(A):
+            child = int(tree.children[b, node, a])
+            if child >= 0:
+                found[path + (a,)] = int(tree.nodes[b, child - b * N, VISITS])
+                stack.append((path + (a,), child - b * N))
+    return found
+
+
+def run_gumbel(model, roots, sims, seed=None, **kw):
+    """gumbel_search on the table model, and the Gumbel noise it drew (zeros without a seed)."""
+    logits = model.logits[roots]
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    gumbel = torch.zeros_like(logits)
+    if seed is not None:
+        gumbel = M.sample_gumbel(logits, torch.Generator().manual_seed(seed))  # the draw the search makes first
+    out = M.gumbel_search(logits, model.value[roots], roots, model.recurrent_fn, sims, generator=generator,
+                          gumbel_scale=0.0 if seed is None else 1.0, **kw)
+    return out, gumbel
+
+
+@pytest.mark.parametrize("actions, sims, m, noise, discount", [
+    (2, 1, 16, True, 0.997), (2, 4, 16, True, 0.9), (3, 7, 16, True, 0.997), (3, 10, 16, False, 0.997),
+    (5, 16, 16, True, 0.9), (5, 50, 16, True, 0.997), (5, 12, 4, False, 0.95),
+    (20, 8, 16, True, 0.997), (20, 40, 16, True, 0.997), (20, 30, 4, True, 0.99), (6, 9, 1, True, 0.997),
+])
+def test_gumbel_search_matches_reference(actions, sims, m, noise, discount):
+    """Visit for visit, the whole tree: Sequential Halving at the root (fewer actions than m,
+    more, m = 1), the deterministic rule below it, completed Q, the improved policy and the
+    winner. The searched trees keep section 5's invariants."""
+    seed = actions * 1000 + sims
+    model = TableModel(40, actions, seed)
+    roots = roots_for(model, 4, seed + 1)
+    out, gumbel = run_gumbel(model, roots, sims, seed if noise else None, discount=discount,
+                             max_num_considered_actions=m)
+    assert model.calls == sims  # one batched model call per simulation
+    for b in range(4):
+        r = int(roots[b])
+        counts, policy, action, value, _, visits = reference_gumbel_search(model, r, gumbel[b].tolist(), sims,
+                                                                           discount, m)
+        assert out.visit_counts[b].long().tolist() == counts, f"row {b}"
+        assert tree_visits(out.tree, b) == visits, f"row {b}"
+        assert int(out.action[b]) == action, f"row {b}"
+        torch.testing.assert_close(out.policy[b].double(), torch.tensor(policy, dtype=torch.float64),
+                                   rtol=1e-4, atol=1e-5)
+        assert float(out.root_value[b]) == pytest.approx(value, abs=1e-4, rel=1e-5)
+    check_tree(out.tree, model, roots, model.value[roots].float(), sims, discount)
+
+
+def test_sequential_halving_schedule():
+    """Hand-worked schedules. m = 4, n = 8: a phase of 4 actions x 8 // (2 x 4) = 1 visit, then
+    2 actions x 8 // (2 x 2) = 2 visits. m = 3, n = 10: 3 x 1, then 2 x 2, then the remaining
+    budget again 2 at a time. Fewer simulations than actions: the first phase is cut short."""
+    for schedule in (M.considered_visits, reference_schedule):
+        assert schedule(4, 8) == [0, 0, 0, 0, 1, 1, 2, 2]
+        assert schedule(3, 10) == [0, 0, 0, 1, 1, 2, 2, 3, 3, 4]
+        assert schedule(16, 4) == [0, 0, 0, 0]
+        assert schedule(2, 5) == [0, 0, 1, 1, 2]
+        assert schedule(1, 3) == [0, 1, 2]
+    for m in range(1, 20):
+        for n in range(1, 70):
+            assert M.considered_visits(m, n) == reference_schedule(m, n)
+
+
+def test_gumbel_top_k_considers_the_sampled_actions():
+    """The first phase visits exactly the m actions with the largest gumbel + logits: m samples
+    without replacement from the prior. Over many draws, the first action considered is a
+    sample from the prior itself (the Gumbel-max trick)."""
+    model = TableModel(40, 20, seed=4)
+    roots = roots_for(model, 6, 5)
+    for m in (1, 4, 16):
+        out, gumbel = run_gumbel(model, roots, m, seed=m, max_num_considered_actions=m)
+        top = (gumbel + torch.log_softmax(model.logits[roots], -1)).topk(m, dim=1).indices
+        for b in range(6):
+            assert out.visit_counts[b].nonzero().flatten().tolist() == sorted(top[b].tolist())
+    g = M.sample_gumbel(torch.zeros(200_000), torch.Generator().manual_seed(0))
+    assert float(g.mean()) == pytest.approx(0.5772, abs=0.01)  # Euler's constant
+    assert float(g.var()) == pytest.approx(math.pi ** 2 / 6, abs=0.03)
+    logits = torch.tensor([0.5, -1.0, 1.5, 0.0])
+    first = (M.sample_gumbel(logits.repeat(40_000, 1), torch.Generator().manual_seed(1)) + logits).argmax(1)
+    frequency = torch.bincount(first, minlength=4) / 40_000
+    torch.testing.assert_close(frequency, torch.softmax(logits, 0), rtol=0, atol=0.01)
+
+
+def test_gumbel_improved_policy_beats_the_prior():
+    """The paper's guarantee: on every root, the improved policy's expected completed Q (the
+    search's own estimates) is at least the prior's, for 1 simulation as for many."""
+    model = TableModel(60, 6, seed=9)
+    roots = roots_for(model, 8, 10)
+    gains = []
+    for sims in (1, 2, 4, 16, 40):
+        out, gumbel = run_gumbel(model, roots, sims, seed=sims, discount=0.95)
+        for b in range(8):
+            r = int(roots[b])
+            completed = reference_gumbel_search(model, r, gumbel[b].tolist(), sims, 0.95)[4]
+            completed = torch.tensor(completed, dtype=torch.float64)
+            prior = torch.tensor(model.root_prior(r), dtype=torch.float64)
+            gain = float((out.policy[b].double() - prior) @ completed)
+            assert gain >= -1e-6, (sims, b)
+            gains.append(gain)
+    assert max(gains) > 0.05  # and it does improve
+
+
+def test_gumbel_rows_are_independent_and_deterministic():
+    model = TableModel(40, 5, seed=3)
+    roots = roots_for(model, 7, 4)
+    out, _ = run_gumbel(model, roots, 20)
+    again, _ = run_gumbel(model, roots, 20)
+    for x, y in zip(out[:4], again[:4]):  # no Gumbel noise: deterministic
+        assert torch.equal(x, y)
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(0))
+    out_p, _ = run_gumbel(model, roots[perm], 20)
+    assert torch.equal(out_p.visit_counts, out.visit_counts[perm])
+    assert torch.equal(out_p.action, out.action[perm])
+    torch.testing.assert_close(out_p.policy, out.policy[perm])
+    torch.testing.assert_close(out_p.root_value, out.root_value[perm])
+    alone, _ = run_gumbel(model, roots[:1], 20)  # a batch of one: row 0 is unchanged
+    assert torch.equal(alone.visit_counts[0], out.visit_counts[0]) and alone.action[0] == out.action[0]
+
+
+@pytest.mark.parametrize("kind", ["zero", "flat", "huge"])
+def test_gumbel_search_equal_and_huge_values(kind):
+    """Every completed Q equal (min == max: rewards and values all 0) gives sigma 0, so the
+    improved policy is the prior, and the search still spends every simulation. Equal values
+    after discounting ("flat") and huge ones stay finite."""
+    model = TableModel(30, 5, seed=2, kind=kind)
+    roots = roots_for(model, 4, 3)
+    for sims in (1, 6, 30):
+        out, _ = run_gumbel(model, roots, sims, seed=sims)
+        assert torch.equal(out.visit_counts.sum(1), torch.full((4,), float(sims)))
+        assert torch.isfinite(out.policy).all() and torch.isfinite(out.root_value).all()
+        torch.testing.assert_close(out.policy.sum(1), torch.ones(4))
+        if kind == "zero":
+            torch.testing.assert_close(out.policy, torch.softmax(model.logits[roots], -1))
+
+
+def test_gumbel_policy_can_be_a_training_target():
+    """The search runs in inference mode; its improved policy must still work inside autograd."""
+    model = TableModel(30, 6, seed=0)
+    out, _ = run_gumbel(model, roots_for(model, 5, 0), 8, seed=2)
+    head = torch.zeros(5, 6, requires_grad=True)
+    (-(out.policy * torch.log_softmax(head, -1)).sum()).backward()
+    torch.testing.assert_close(head.grad, torch.softmax(head, -1).detach() - out.policy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -902,8 +1156,11 @@ def test_update_priorities_rejects_bad_values(bad):
 #
 # test_learns_corridor_needing_lookahead: a seeded run on CPU reaches at least 90% of the optimal
 # return in the final greedy, noise-free evaluation (checked with these flags: seeds 1-8 and 10
-# reach 1.0; seed 9 ends at 0.5, one layout lost late in training). test_zero_simulations_runs:
-# the same env runs end to end with no search at all.
+# reach 1.0; seed 9 ends at 0.5, one layout lost late in training).
+# test_gumbel_learns_corridor_with_few_simulations: the same bar with --search gumbel, 4
+# simulations per move (2 actions: Sequential Halving visits both twice) and 4,800 env steps
+# (checked: seeds 1-10 reach 1.0, and so do seeds 1-10 with 6,400 steps).
+# test_zero_simulations_runs: the same env runs end to end with no search at all.
 LENGTH = 7           # cells 0..6: an exit at each end
 DECOY, GOAL = 0.3, 1.0
 MAX_STEPS = 20       # truncation cap (return 0 when reached)
@@ -998,7 +1255,7 @@ def test_corridor_env_contract():
     assert np.array_equal(clone.step(np.array([1, 0]))[0], envs.step(np.array([1, 0]))[0])
 
 
-def test_learns_corridor_needing_lookahead(tmp_path):
+def train_corridor(tmp_path, seed, **overrides):
     """One intra-op thread: the seeded run then follows the same trajectory on any CPU machine
     (the numerics of a CPU kernel can depend on its thread count), it is no slower on these tiny
     tensors, and it leaves the other core to whatever runs beside it."""
@@ -1006,13 +1263,26 @@ def test_learns_corridor_needing_lookahead(tmp_path):
     torch.set_num_threads(1)
     try:
         start = time.time()
-        result = M.train(corridor_args(tmp_path, seed=1), env_fn)
+        result = M.train(corridor_args(tmp_path, seed=seed, **overrides), env_fn)
         print(f"corridor: eval_return {result['eval_return']:.3f} in {time.time() - start:.1f}s, "
               f"{result['updates']} updates")
     finally:
         torch.set_num_threads(threads)
+    return result
+
+
+def test_learns_corridor_needing_lookahead(tmp_path):
+    result = train_corridor(tmp_path, seed=1)
     assert result["env_steps"] == 6400
     assert result["eval_return"] > (GOAL + DECOY) / 2  # beats the decoy and any constant action
+    assert result["eval_return"] >= 0.9 * GOAL
+
+
+def test_gumbel_learns_corridor_with_few_simulations(tmp_path):
+    """Gumbel MuZero acts, reanalyses and evaluates with 4 simulations per move."""
+    result = train_corridor(tmp_path, seed=1, **{"--search": "gumbel", "--num-simulations": 4,
+                                                 "--eval-simulations": 4, "--total-env-steps": 4800})
+    assert result["env_steps"] == 4800
     assert result["eval_return"] >= 0.9 * GOAL
 
 
@@ -1110,6 +1380,7 @@ def test_same_seed_same_losses(tmp_path):
     (["--game", "MsPacman"], r"unknown game 'MsPacman'; closest: .*ms_pacman"),
     (["--num-envs", "0"], r"--num-envs: must be a positive integer, got 0"),
     (["--num-simulations", "-1"], r"--num-simulations: must be zero or a positive integer, got -1"),
+    (["--search", "mcts"], r"--search: invalid choice: 'mcts'"),
     (["--nce-temperature", "0"], r"--nce-temperature: must be > 0, got 0"),
     (["--discount", "1.5"], r"--discount: must lie in \[0, 1\], got 1.5"),
     (["--batch-size-per-worker", "500"], r"--batch-size-per-worker 500 is larger than --buffer-size 200"),

@@ -1,6 +1,7 @@
 """Throughput of muzero_nce.py's parts on this machine; README quotes these figures.
 
-    python benchmarks/throughput.py search     # batched search: lookup-table model, then the real network
+    python benchmarks/throughput.py search     # pUCT and Gumbel search (and mctx's, if installed) on a
+                                               # lookup-table model, then pUCT on the real network
     python benchmarks/throughput.py actor      # actor env steps/s: ms_pacman, 64 envs, default network, 50 sims
     python benchmarks/throughput.py learner    # trainer updates/s: default network and batch (200 x 5 unroll steps)
     python benchmarks/throughput.py layout     # env steps/s: the single process vs the process layout
@@ -10,6 +11,7 @@ Every run prints the hardware it ran on. Timings are medians over --repeats afte
 The search against DeepMind's mctx and LightZero's C++ tree is ../shared/bench/search_vs_mctx.py.
 """
 import argparse
+import math
 import os
 import platform
 import re
@@ -56,25 +58,61 @@ def default_args(*flags):
     return muzero_nce.parse_args(["--device", "cpu", *flags])
 
 
+def mctx_timer(tables, roots, sims, gumbel):
+    """mctx's muzero_policy (no root noise) or gumbel_muzero_policy, jit-compiled, on the same
+    table model and roots, on JAX's default device; None when mctx is not installed."""
+    try:
+        import jax
+        import jax.numpy as jnp
+        import mctx
+    except ImportError:
+        return None
+    nxt, rew, val, logit, roots = (jnp.asarray(x.cpu().numpy()) for x in (*tables, roots))
+
+    def recurrent_fn(params, key, action, emb):
+        n = nxt[emb, action]
+        return mctx.RecurrentFnOutput(reward=rew[emb, action], discount=jnp.full(emb.shape, 0.997),
+                                      prior_logits=logit[n], value=val[n]), n
+
+    root = mctx.RootFnOutput(prior_logits=logit[roots], value=val[roots], embedding=roots)
+    if gumbel:
+        policy = jax.jit(lambda key: mctx.gumbel_muzero_policy(None, key, root, recurrent_fn, sims).action_weights)
+    else:
+        policy = jax.jit(lambda key: mctx.muzero_policy(None, key, root, recurrent_fn, sims,
+                                                        dirichlet_fraction=0.0).action_weights)
+    key = jax.random.PRNGKey(0)
+    return lambda: policy(key).block_until_ready()
+
+
 def bench_search(device, repeats, sync):
-    """Simulations per second of muzero_nce.search on a lookup-table model (the search's own
-    cost) and on the default network (B trees of ms_pacman-sized latents)."""
+    """Simulations per second of muzero_nce's pUCT `search` and `gumbel_search` on a lookup-table
+    model (the searches' own cost; with mctx installed, mctx's muzero_policy and
+    gumbel_muzero_policy on the same work beside them), then of pUCT on the default network
+    (B trees of ms_pacman-sized latents)."""
     S, A = 4096, 9
     rng = np.random.default_rng(0)
     nxt = torch.as_tensor(rng.integers(0, S, (S, A)), device=device)
     rew, val, logit = (torch.as_tensor(rng.normal(0, 1, shape).astype(np.float32), device=device)
                        for shape in ((S, A), S, (S, A)))
+    generator = muzero_nce.make_generator(device, 0)
 
     def table(emb, action):
         n = nxt[emb, action]
         return rew[emb, action], val[n], logit[n], n
 
-    print(f"{'model':>8} {'B':>5} {'sims':>5} {'sims/s':>10}")
+    print(f"{'model':>8} {'B':>5} {'sims':>5} {'pUCT sims/s':>12} {'Gumbel sims/s':>14} "
+          f"{'mctx pUCT':>10} {'mctx Gumbel':>12}")
     for B in (16, 64, 256):
         for sims in (16, 50):
             roots = torch.as_tensor(rng.integers(0, S, B), device=device)
-            run = lambda: muzero_nce.search(logit[roots], val[roots], roots, table, sims, dirichlet_fraction=0.0)
-            print(f"{'table':>8} {B:>5} {sims:>5} {B * sims / median_time(run, repeats, sync):>10,.0f}")
+            puct = lambda: muzero_nce.search(logit[roots], val[roots], roots, table, sims, dirichlet_fraction=0.0)
+            gumbel = lambda: muzero_nce.gumbel_search(logit[roots], val[roots], roots, table, sims, generator=generator)
+            rates = [B * sims / median_time(run, repeats, sync) for run in (puct, gumbel)]
+            for is_gumbel in (False, True):
+                run = mctx_timer((nxt, rew, val, logit), roots, sims, is_gumbel)
+                rates.append(math.nan if run is None else B * sims / median_time(run, repeats, lambda: None))
+            print(f"{'table':>8} {B:>5} {sims:>5} {rates[0]:>12,.0f} {rates[1]:>14,.0f} {rates[2]:>10,.0f} "
+                  f"{rates[3]:>12,.0f}")
     args = default_args()
     net = muzero_nce.MuZeroNet((3, 96, 96), 4, 9, args).to(device).eval()
     for B in (64, 256):
@@ -82,7 +120,7 @@ def bench_search(device, repeats, sync):
         run = lambda: muzero_nce.run_search(net, obs, args, 50)
         with torch.no_grad():
             seconds = median_time(run, max(1, repeats // 3), sync)
-        print(f"{'network':>8} {B:>5} {50:>5} {B * 50 / seconds:>10,.0f}")
+        print(f"{'network':>8} {B:>5} {50:>5} {B * 50 / seconds:>12,.0f}")
 
 
 def bench_actor(device, repeats, sync, num_envs=64, sims=50):
