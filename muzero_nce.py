@@ -1661,6 +1661,16 @@ def updates_allowed_now(counters, args):
     return updates_allowed(int(c[ENV_STEPS]), int(c[START_STEPS]), int(c[BASE_UPDATES]), args)
 
 
+PROCESS_ROLES = ("actor", "reanalyze", "trainer")
+
+
+def process_seed(args, role, index, node_rank):
+    """The seed of one process (its generators use seed, seed + 1, seed + 2): the actor, each
+    reanalyze worker and each trainer of each node gets its own, so no two draw the same batches
+    or noise (the original's forked trainers shared one RNG state and sampled alike)."""
+    return args.seed + 7919 * (len(PROCESS_ROLES) * index + PROCESS_ROLES.index(role)) + 1_000_003 * node_rank
+
+
 def on_device(name):
     device = torch.device(name)
     if device.type == "cuda":
@@ -1670,7 +1680,7 @@ def on_device(name):
 
 def actor_process(args, shared, index, layout):
     device = on_device(layout.actor)
-    seed = args.seed + 1_000_003 * layout.node_rank  # every env of every node has its own seed
+    seed = process_seed(args, "actor", 0, layout.node_rank)  # every env of every node has its own seed
     seed_everything(seed)
     envs, eval_env_fn = make_atari_env_fn(args)(args.num_envs), make_atari_env_fn(args, evaluation=True)
     acting = copy.deepcopy(shared.weights).to(device).eval()
@@ -1711,7 +1721,7 @@ def reanalyze_process(args, shared, index, layout):
     device = on_device(layout.reanalyze[index])
     net = copy.deepcopy(shared.weights).to(device).eval()
     version = shared.fetch(net, -1)
-    noise = make_generator(device, args.seed + 7919 * (index + 1) + 1_000_003 * layout.node_rank)
+    noise = make_generator(device, process_seed(args, "reanalyze", index, layout.node_rank) + 1)
     refresh = round(args.reanalyze_fraction * args.batch_size_per_worker)
     while not shared.stopping() and not shared.counters[TRAINERS_DONE]:
         job = shared.claim_batch()
@@ -1726,9 +1736,17 @@ def reanalyze_process(args, shared, index, layout):
         shared.add(SIMS, sims)
 
 
+def ddp_model(net, args, device):
+    """The online network wrapped for DDP. Every parameter must get a gradient in every update,
+    or DDP stops at the next one: --no-nce builds no NCE heads, and with --jumps 0 the dynamics
+    go unused, which DDP must be told."""
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=args.jumps == 0)
+
+
 def trainer_process(args, shared, index, layout):
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
     device = on_device(layout.trainers[index])
     T = len(layout.trainers)
     rank, world = layout.node_rank * T + index, layout.num_nodes * T
@@ -1737,10 +1755,8 @@ def trainer_process(args, shared, index, layout):
     dist.init_process_group(layout.backend, init_method=layout.master, rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=10))
     net = copy.deepcopy(shared.weights).to(device)
-    model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
-                                    find_unused_parameters=args.jumps == 0)
-    seed = args.seed + 7907 * (rank + 1) + 12345
-    learner = Learner(net, args, device, model=model, world=world, seed=seed + 1)
+    seed = process_seed(args, "trainer", index, layout.node_rank)
+    learner = Learner(net, args, device, model=ddp_model(net, args, device), world=world, seed=seed + 1)
     if args.resume:
         learner.load_state_dict(load_checkpoint(args.resume))
     sampler = make_generator("cpu", seed)

@@ -9,6 +9,11 @@
 - Utilities and losses: h and the supports, InfoNCE against a hand computation.
 - Replay: the ring, stacks rebuilt against a real env's own, n-step targets against loops over
   their definition, priorities.
+- The training step, piece by piece, against hand computations, stand-in networks and plain
+  references: schedules, env flags, the unroll and its gradient, root noise, sampling
+  frequencies, muzero_losses term by term, reanalyze's write-back rows, what train_step feeds
+  the online and the target network, DDP without NCE or unroll, each process's seed, a resume
+  that cuts episodes.
 - Learning: a tiny corridor that needs lookahead (Corridor), solved by a seeded run, and by
   Gumbel MuZero with 4 simulations.
 - Runs: the command line (logs, checkpoints, resume, the same losses twice, one-line errors,
@@ -19,6 +24,7 @@
 Each test checks behaviour against an independent computation or a property that would fail
 if the code were wrong, never against numbers recorded from a previous run.
 """
+import copy
 import inspect
 import json
 import math
@@ -1142,6 +1148,594 @@ def test_update_priorities_rejects_bad_values(bad):
     buf.update_priorities(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 0]), torch.tensor([1.5, 3.0, 2.0]))
     assert buf.priority[1, 1] == 3.0 and buf.priority[2, 0] == 2.0 and float(buf.counters[1]) == 3.0
 
+
+# ---------------------------------------------------------------------------------------------
+# 9. the training step, in the order of the script: schedules, env flags, the unroll, root
+#    noise, replay sampling, the losses, reanalyze's write-back, what train_step feeds each
+#    network, DDP, the processes' seeds, a resume that cuts episodes
+# ---------------------------------------------------------------------------------------------
+def tiny_args(*flags):
+    """A network small enough for unit tests on corridor-sized frames (1 x 3 x 7), K = 3, n = 2."""
+    return M.parse_args(["--device", "cpu", "--num-envs", "2", "--channels", "4", "--reduced-channels", "2",
+                         "--head-hidden", "8", "--support-size", "5", "--proj-hidden", "8", "--proj-dim", "8",
+                         "--pred-hidden", "8", "--buffer-size", "200", "--learning-starts", "40",
+                         "--batch-size-per-worker", "6", "--jumps", "3", "--td-steps", "2",
+                         "--no-augment", "--no-clip-rewards", *flags])
+
+
+CPU = torch.device("cpu")
+TINY_FRAME, TINY_STACK, TINY_ACTIONS = (1, 3, 7), 4, 3
+
+
+def perturb(net, seed, scale=0.3):
+    """Randomise every parameter: the zero-initialised heads would otherwise answer 0 whatever
+    the input, and two copies of one network could not be told apart."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return net
+
+
+def tiny_learner(args, apart=False):
+    """A Learner of a tiny network; `apart`: online and target networks randomised differently,
+    as after some updates, so that a value or projection shows which one made it."""
+    torch.manual_seed(0)
+    learner = M.Learner(M.MuZeroNet(TINY_FRAME, TINY_STACK, TINY_ACTIONS, args), args, CPU)
+    if apart:
+        perturb(learner.net, 1)
+        perturb(learner.target, 2)
+    return learner
+
+
+def random_batch(args, seed, env=(0, 1, 0, 1, 0, 1), time=(50, 51, 52, 53, 54, 55), step=(9, 9, 9, 9, 9, 9)):
+    """Sequences of random frames, rewards, policies and values, one episode each (no end in the
+    window): env ids, start times t and episode steps at t as given."""
+    g = torch.Generator().manual_seed(seed)
+    B, W = len(env), TINY_STACK - 1 + args.jumps + args.td_steps + 1
+    episode_step = torch.tensor(step)[:, None] + torch.arange(W) - (TINY_STACK - 1)
+    assert (episode_step >= 0).all()
+    no = torch.zeros(B, W, dtype=torch.bool)
+    seq = M.Sequences(frames=torch.randint(0, 256, (B, W, *TINY_FRAME), generator=g, dtype=torch.uint8),
+                      action=torch.randint(0, TINY_ACTIONS, (B, W), generator=g), reward=torch.randn(B, W, generator=g),
+                      terminal=no, truncated=no, episode_step=episode_step,
+                      policy=torch.softmax(torch.randn(B, W, TINY_ACTIONS, generator=g), -1),
+                      root_value=torch.randn(B, W, generator=g) * 3, network_value=torch.randn(B, W, generator=g) * 3)
+    return seq, torch.tensor(time), torch.tensor(env)
+
+
+def record_calls(monkeypatch, name):
+    """Wrap M.<name> so that every call's arguments (by parameter name) and result are kept."""
+    real = getattr(M, name)
+    calls = []
+
+    def recording(*a, **kw):
+        bound = inspect.signature(real).bind(*a, **kw)
+        bound.apply_defaults()
+        result = real(*a, **kw)
+        calls.append({**bound.arguments, "result": result})
+        return result
+
+    monkeypatch.setattr(M, name, recording)
+    return calls
+
+
+def add_steps(buf, count, pixel=lambda t, e: 0):
+    """Write `count` steps of one long episode to every env; frame pixels from pixel(t, e)."""
+    E, A = buf.E, buf.policy.shape[-1]
+    for _ in range(count):
+        t = buf.steps
+        frame = torch.tensor([pixel(t, e) for e in range(E)], dtype=torch.uint8).view(E, 1, 1, 1)
+        frame = frame.expand((E,) + tuple(buf.frames.shape[2:])).clone()
+        buf.add(frame, torch.zeros(E), torch.zeros(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool),
+                torch.full((E,), t), torch.zeros(E, dtype=torch.long), torch.full((E, A), 1 / A),
+                torch.full((E,), -5.0), torch.full((E,), -7.0))
+
+
+# ---- utilities: the schedules ---------------------------------------------------------------
+def test_learning_rate_warm_up_and_decay_at_their_boundaries():
+    args = tiny_args("--lr", "0.2", "--lr-warmup-steps", "1000", "--lr-decay-steps", "100000",
+                     "--lr-decay-rate", "0.1")
+    by_update = {0: 0.2 / 1000, 1: 0.4 / 1000, 499: 0.1, 998: 0.2 * 999 / 1000, 999: 0.2, 1000: 0.2,
+                 99_999: 0.2, 100_000: 0.02, 199_999: 0.02, 200_000: 0.002, 350_000: 0.0002}
+    for update, lr in by_update.items():
+        assert M.learning_rate(args, update) == pytest.approx(lr, rel=1e-9), update
+    args = tiny_args("--lr", "0.2", "--lr-warmup-steps", "0", "--lr-decay-steps", "10", "--lr-decay-rate", "0.5")
+    lrs = [M.learning_rate(args, u) for u in (0, 9, 10, 19, 20, 35)]
+    assert lrs == pytest.approx([0.2, 0.2, 0.1, 0.1, 0.05, 0.025])
+    # the acting temperature over the share of training done
+    temperatures = [M.visit_temperature(p) for p in (0.0, 0.4999, 0.5, 0.7499, 0.75, 1.0)]
+    assert temperatures == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+
+
+# ---- environment: --grayscale and --sticky-actions reach ALE -------------------------------
+def test_grayscale_and_sticky_actions_reach_the_env():
+    """--grayscale gives one channel per frame. --sticky-actions 1 repeats the first action (a
+    no-op) for ever, so two envs of one seed play alike whatever actions they are given; at 0
+    the actions count."""
+    pytest.importorskip("ale_py")
+
+    def play(flags, actions):
+        envs = M.make_atari_env_fn(M.parse_args(["--game", "ms_pacman", *flags]))(1)
+        try:
+            obs, _ = envs.reset(seed=3)
+            for action in actions:
+                obs = envs.step(np.array([action]))[0]
+            return obs, M.env_spec(envs)[0]
+        finally:
+            envs.close()
+
+    rng = np.random.default_rng(0)
+    first, second = rng.integers(1, 9, 80), rng.integers(1, 9, 80)  # ms_pacman ignores actions for ~64 steps
+    gray, frame_shape = play(["--grayscale", "--sticky-actions", "1"], first)
+    assert gray.shape == (1, 4, 96, 96) and frame_shape == (1, 96, 96)
+    assert np.array_equal(gray, play(["--grayscale", "--sticky-actions", "1"], second)[0])
+    assert not np.array_equal(gray, play(["--grayscale"], first)[0])
+    colour, frame_shape = play([], first)
+    assert colour.shape == (1, 4, 96, 96, 3) and frame_shape == (3, 96, 96)
+
+
+# ---- networks: the unroll and its gradient ------------------------------------------------
+def test_forward_is_the_unroll_and_halves_the_gradient_into_each_dynamics_step():
+    """forward() against a plain unroll written here (eval mode: BatchNorm per sample, so one
+    call per step equals forward's batched call): the same outputs, and the gradient that a loss
+    at unroll step k sends back to the root latent is 2^-k of the plain unroll's."""
+    x = torch.randn(5, requires_grad=True)
+    y = M.scale_gradient(x, 0.25)
+    y.backward(torch.ones(5))
+    torch.testing.assert_close(y, x)
+    torch.testing.assert_close(x.grad, torch.full((5,), 0.25))
+
+    args = tiny_args()
+    net = perturb(M.MuZeroNet(TINY_FRAME, TINY_STACK, TINY_ACTIONS, args), 0).eval()
+    B, K = 5, args.jumps
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randint(0, 256, (B, TINY_STACK, 3, 7), generator=g, dtype=torch.uint8)
+    actions = torch.randint(0, TINY_ACTIONS, (B, K), generator=g)
+    roots = []
+    net.representation.register_forward_hook(lambda module, inputs, output: roots.append(output))
+    policies, values, rewards, predictions = net(obs, actions)
+    assert policies.shape == (B, K + 1, TINY_ACTIONS) and rewards.shape == (B, K, 11) and predictions.shape == (B, K, 8)
+    plain_root = latent = net.representation(obs)
+    policy, value = net.prediction(latent)
+    torch.testing.assert_close(policies[:, 0], policy)
+    torch.testing.assert_close(values[:, 0], value)
+    for k in range(1, K + 1):
+        latent, reward = net.dynamics(latent, actions[:, k - 1])
+        policy, value = net.prediction(latent)
+        torch.testing.assert_close(rewards[:, k - 1], reward)
+        torch.testing.assert_close(policies[:, k], policy)
+        torch.testing.assert_close(values[:, k], value)
+        torch.testing.assert_close(predictions[:, k - 1], net.project(latent))
+        pairs = (rewards[:, k - 1], reward), (values[:, k], value), (predictions[:, k - 1], net.project(latent))
+        for output, plain in pairs:
+            weight = torch.randn(plain.shape, generator=g)
+            scaled = torch.autograd.grad((output * weight).sum(), roots[0], retain_graph=True)[0]
+            unscaled = torch.autograd.grad((plain * weight).sum(), plain_root, retain_graph=True)[0]
+            assert unscaled.abs().max() > 1e-6
+            torch.testing.assert_close(scaled, unscaled * 0.5 ** k, rtol=1e-4, atol=1e-7)
+
+
+# ---- search and acting: batch rows, root noise, evaluation without it ------------------------
+def test_batched_search_rows_equal_batch_of_one_searches():
+    for kind in ("random", "huge"):
+        model = TableModel(40, 5, seed=21, kind=kind)
+        roots = roots_for(model, 8, 21)
+        out = run_table_search(model, roots, 20, discount=0.95)
+        for b in range(8):
+            one = run_table_search(model, roots[b:b + 1], 20, discount=0.95)
+            assert torch.equal(one.visit_counts[0], out.visit_counts[b]) and one.action[0] == out.action[b]
+            torch.testing.assert_close(one.root_value[0], out.root_value[b], rtol=1e-6, atol=1e-5)
+
+
+class PriorNet:
+    """A stand-in network for run_search with 0 simulations: given prior logits, value 0."""
+    support_size = 5
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    def initial_inference(self, obs):
+        B = obs.shape[0]
+        return torch.zeros(B, 1), self.logits[:B], torch.zeros(B, 2 * self.support_size + 1)
+
+
+def test_root_noise_is_dirichlet_alpha_mixed_in_by_fraction():
+    """With a one-hot prior the noised prior is (1 - f) prior + f n exactly, n on the simplex,
+    and n has the moments of Dirichlet(alpha, ..., alpha): mean 1/A, variance
+    (A - 1) / (A^2 (A alpha + 1)). Without noise=True, the prior itself."""
+    B, A, alpha, f = 100_000, 4, 0.1, 0.4
+    args = tiny_args("--dirichlet-alpha", str(alpha), "--dirichlet-fraction", str(f))
+    prior = F.one_hot(torch.arange(B) % A, A).float()
+    net = PriorNet(prior.log())
+    obs = torch.zeros(B, 1, 1, 1, dtype=torch.uint8)
+    out, _ = M.run_search(net, obs, args, 0, noise=True, generator=torch.Generator().manual_seed(0))
+    noise = (out.policy - (1 - f) * prior) / f
+    assert float(noise.min()) >= -1e-6
+    torch.testing.assert_close(noise.sum(-1), torch.ones(B))
+    torch.testing.assert_close(noise.mean(0), torch.full((A,), 1 / A), rtol=0, atol=0.005)
+    torch.testing.assert_close(noise.var(0), torch.full((A,), (A - 1) / (A * A * (A * alpha + 1))), rtol=0.03, atol=0)
+    clean, _ = M.run_search(net, obs, args, 0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(clean.policy, prior)
+
+
+def test_noise_when_acting_never_when_evaluating(monkeypatch):
+    """The actor searches with root noise, --num-simulations and its temperature; evaluation
+    without noise, with --eval-simulations, playing the most visited action (reanalyze's
+    search, with noise: test_reanalyze_writes_each_search_back_to_its_own_row)."""
+    args = tiny_args("--num-simulations", "3", "--eval-simulations", "5", "--eval-episodes", "2")
+    envs = env_fn(2)
+    frame_shape, stack, num_actions = M.env_spec(envs)
+    net = perturb(M.MuZeroNet(frame_shape, stack, num_actions, args), 0).eval()
+    calls = record_calls(monkeypatch, "run_search")
+    buffer = M.ReplayBuffer(args.buffer_size, 2, frame_shape, num_actions, stack, args.jumps, args.td_steps)
+    actor = M.Actor(envs, buffer, args, CPU, torch.Generator().manual_seed(0), 1)
+    actor.step(net, 0.5)
+    assert [(c["noise"], c["num_simulations"], c["temperature"]) for c in calls] == [(True, 3, 0.5)]
+    calls.clear()
+    M.evaluate(net, env_fn, args, CPU, seed=1)
+    assert calls and all((c["noise"], c["num_simulations"], c["temperature"]) == (False, 5, 0.0) for c in calls)
+    envs.close()
+
+
+# ---- replay: sampling and priorities ---------------------------------------------------------
+def test_sampling_frequencies_follow_priority_to_the_alpha():
+    """100,000 draws with a fixed seed: each valid start's frequency is p^alpha / sum within
+    0.006, a tolerance that priorities taken as they are (alpha 1) or ignored (uniform) miss by
+    far; starts without a complete sequence are never drawn."""
+    T, E, alpha = 10, 3, 0.6
+    buf = M.ReplayBuffer(T * E, E, (1, 1, 1), 2, 1, 1, 1, priority_alpha=alpha)
+    add_steps(buf, T)
+    priority = 0.05 * 2.5 ** ((3 * torch.arange(T)[:, None] + torch.arange(E)) % 7).float()  # 0.05 .. 12.2
+    buf.priority.copy_(priority)
+    mask = buf.start_mask()
+    assert mask[:T - 2].all() and not mask[T - 2:].any()  # the last K + n rows have no future yet
+    N = 100_000
+    time, env, _ = buf.sample(N, 0.4, torch.Generator().manual_seed(0))
+    freq = torch.zeros(T, E).index_put_((time % T, env), torch.ones(N), accumulate=True) / N
+    expected = priority.pow(alpha) * mask / (priority.pow(alpha) * mask).sum()
+    assert (freq[~mask] == 0).all()
+    assert float((freq - expected).abs().max()) < 0.006
+    for wrong in (priority * mask / (priority * mask).sum(), mask / mask.sum()):
+        assert float((wrong - expected).abs().max()) > 0.03
+
+
+def test_new_rows_get_the_highest_priority_seen():
+    buf = M.ReplayBuffer(12, 2, (1, 1, 1), 2, 1, 1, 1)
+    add_steps(buf, 3)
+    assert (buf.priority[:3] == 1).all()  # before any update
+    buf.update_priorities(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 0]), torch.tensor([0.5, 7.5, 2.0]))
+    add_steps(buf, 1)
+    assert buf.priority[3].tolist() == [7.5, 7.5]
+    buf.update_priorities(torch.tensor([3]), torch.tensor([1]), torch.tensor([9.0]))
+    add_steps(buf, 1)
+    assert buf.priority[4].tolist() == [9.0, 9.0] and buf.priority[1].tolist() == [1.0, 7.5]
+
+
+def test_write_back_skips_rows_the_actor_overwrote_or_is_about_to():
+    """T = 5 rows, 8 steps written: rows 0..4 hold times 5, 6, 7, 3, 4. Times 2 (its row now
+    holds 7) and 3 (its row is the actor's next) are skipped, times 4 and 6 written; the same for
+    priorities. A row the actor overwrites starts again as never reanalyzed."""
+    buf = M.ReplayBuffer(5, 1, (1, 1, 1), 2, 1, 1, 1)
+    add_steps(buf, 8)
+    time, env = torch.tensor([2, 3, 4, 6]), torch.zeros(4, dtype=torch.long)
+    policy = torch.tensor([[0.0, 1.0]]).repeat(4, 1)
+    buf.write_targets(time, env, policy, torch.tensor([10.0, 11.0, 12.0, 13.0]), torch.tensor([20.0, 21.0, 22.0, 23.0]))
+    assert buf.root_value[:, 0].tolist() == [-5.0, 13.0, -5.0, -5.0, 12.0]
+    assert buf.network_value[:, 0].tolist() == [-7.0, 23.0, -7.0, -7.0, 22.0]
+    assert buf.policy[:, 0].tolist() == [[0.5, 0.5], [0.0, 1.0], [0.5, 0.5], [0.5, 0.5], [0.0, 1.0]]
+    assert buf.reanalyzed[:, 0].tolist() == [0, 1, 0, 0, 1]
+    buf.update_priorities(time, env, torch.tensor([5.0, 6.0, 7.0, 8.0]))
+    assert buf.priority[:, 0].tolist() == [1.0, 8.0, 1.0, 1.0, 7.0]
+    add_steps(buf, 2)  # times 8 and 9 overwrite rows 3 and 4
+    assert buf.reanalyzed[:, 0].tolist() == [0, 1, 0, 0, 0]
+
+
+# ---- losses: muzero_losses term by term -----------------------------------------------------
+def plain_h(x):
+    return math.copysign(math.sqrt(abs(x) + 1) - 1, x) + 0.001 * x
+
+
+def plain_two_hot(x, n):
+    y = min(max(plain_h(x), -n), n)
+    low = math.floor(y)
+    probs = [0.0] * (2 * n + 1)
+    probs[low + n] += 1 - (y - low)
+    if y > low:
+        probs[low + n + 1] += y - low
+    return probs
+
+
+def plain_log_softmax(logits):
+    top = max(logits)
+    total = top + math.log(sum(math.exp(v - top) for v in logits))
+    return [v - total for v in logits]
+
+
+def plain_cross_entropy(logits, target):
+    return -sum(t * v for t, v in zip(target, plain_log_softmax(logits)))
+
+
+def plain_decode(logits, n):
+    """The expected atom in h-space, then h^-1 by bisection on plain_h."""
+    y = sum(math.exp(v) * (i - n) for i, v in enumerate(plain_log_softmax(logits)))
+    low, high = -1e6, 1e6
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if plain_h(middle) < y else (low, middle)
+    return (low + high) / 2
+
+
+def hand_muzero_losses(outputs, targets, projections, same_episode, temperature, n):
+    """Plain loops: step 0 weighs 1, each unrolled step 1/K; each term masked; the priority is
+    |decoded value at step 0 - value target at step 0| + 1e-6."""
+    policy_logits, value_logits, reward_logits, predictions = outputs
+    B, K = reward_logits.shape[:2]
+    weight = [1.0] + [1.0 / max(K, 1)] * K
+    nce = [] if predictions is None else [
+        hand_nce(predictions[:, k], projections[:, k], temperature, targets.nce_mask[:, k].tolist(),
+                 same_episode.tolist()) for k in range(K)]
+    terms = {"value": [], "policy": [], "reward": []}
+    for b in range(B):
+        terms["value"].append(sum(
+            weight[k] * float(targets.value_mask[b, k])
+            * plain_cross_entropy(value_logits[b, k].tolist(), plain_two_hot(float(targets.value[b, k]), n))
+            for k in range(K + 1)))
+        terms["policy"].append(sum(
+            weight[k] * float(targets.policy_mask[b, k])
+            * plain_cross_entropy(policy_logits[b, k].tolist(), targets.policy[b, k].tolist()) for k in range(K + 1)))
+        terms["reward"].append(sum(
+            weight[k + 1] * float(targets.reward_mask[b, k])
+            * plain_cross_entropy(reward_logits[b, k].tolist(), plain_two_hot(float(targets.reward[b, k]), n))
+            for k in range(K)))
+    if nce:
+        terms["nce"] = [sum(weight[k + 1] * nce[k][0][b] for k in range(K)) for b in range(B)]
+    priorities = [abs(plain_decode(value_logits[b, 0].tolist(), n) - float(targets.value[b, 0])) + 1e-6
+                  for b in range(B)]
+    accuracies = [sum(nce[k][1]) / max(1.0, float(targets.nce_mask[:, k].sum())) for k in range(len(nce))]
+    return terms, priorities, accuracies
+
+
+@pytest.mark.parametrize("K", [3, 0])
+def test_muzero_losses_term_by_term(K):
+    B, A, n, D, temperature = 6, 4, 5, 6, 0.3
+    g = torch.Generator().manual_seed(K)
+    mask = lambda *shape: (torch.rand(*shape, generator=g) > 0.35).float()
+    outputs = (torch.randn(B, K + 1, A, generator=g), torch.randn(B, K + 1, 2 * n + 1, generator=g),
+               torch.randn(B, K, 2 * n + 1, generator=g), torch.randn(B, K, D, generator=g) if K else None)
+    # every target is a real value, masked or not, so that a dropped mask shows
+    targets = M.Targets(value=torch.randn(B, K + 1, generator=g) * 4, value_mask=mask(B, K + 1),
+                        reward=torch.randn(B, K, generator=g) * 2, reward_mask=mask(B, K),
+                        policy=torch.softmax(torch.randn(B, K + 1, A, generator=g) * 2, -1),
+                        policy_mask=mask(B, K + 1), nce_mask=mask(B, K), actions=torch.zeros(B, K, dtype=torch.long))
+    projections = outputs[3] + torch.randn(B, K, D, generator=g) if K else None
+    episode = torch.tensor([0, 0, 1, 2, 2, 3])
+    same_episode = episode[:, None] == episode
+    args = tiny_args("--nce-temperature", str(temperature), "--jumps", str(K))
+    terms, priorities, metrics = M.muzero_losses(outputs, targets, projections, same_episode, args, n)
+    hand, hand_priorities, hand_accuracies = hand_muzero_losses(outputs, targets, projections, same_episode,
+                                                                temperature, n)
+    assert sorted(terms) == sorted(hand)
+    for name in hand:
+        torch.testing.assert_close(terms[name].double(), torch.tensor(hand[name], dtype=torch.float64),
+                                   rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(priorities.double(), torch.tensor(hand_priorities, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-4)
+    assert [float(metrics[f"nce/accuracy_step_{k + 1}"]) for k in range(K)] == pytest.approx(hand_accuracies)
+
+
+# ---- reanalyze ---------------------------------------------------------------------------------
+class RowNet:
+    """A stand-in network whose outputs name the row they come from: the latent is the newest
+    frame's pixel x, the value x, the prior all on action x % 3; each dynamics step gives
+    reward 0 and value x + 1. One simulation then yields the policy one_hot(x % 3) and the root
+    value (x + discount (x + 1)) / 2."""
+    support_size, num_actions = 20, 3
+
+    def value_logits(self, x):
+        return torch.log(M.scalar_to_support(x, self.support_size))
+
+    def prior_logits(self, x):
+        return torch.log(F.one_hot(x.long() % self.num_actions, self.num_actions).float())
+
+    def initial_inference(self, obs):
+        x = obs[:, -1, 0, 0].float()
+        return x, self.prior_logits(x), self.value_logits(x)
+
+    def recurrent_inference(self, latent, action):
+        reward = self.value_logits(torch.zeros_like(latent))
+        return latent, reward, self.prior_logits(latent), self.value_logits(latent + 1)
+
+
+def test_reanalyze_writes_each_search_back_to_its_own_row(monkeypatch):
+    T, E, S, K, n, discount = 20, 2, 2, 2, 2, 0.9
+    args = tiny_args("--num-simulations", "1", "--dirichlet-fraction", "0", "--discount", str(discount))
+    buf = M.ReplayBuffer(T * E, E, (1, 1, 1), 3, S, K, n)
+    add_steps(buf, 30, pixel=lambda t, e: t * E + e + 1)  # rows hold times 10..29
+    time, env = torch.tensor([11, 18, 25, 12]), torch.tensor([1, 0, 1, 0])  # windows that do not overlap
+    assert buf.start_mask()[time % T, env].all()
+    calls = record_calls(monkeypatch, "run_search")
+    sims = M.reanalyze(RowNet(), buf, time, env, args, CPU)
+    assert sims == 4 * (K + n + 1) and all(c["noise"] for c in calls)  # the actor's search, noise and all
+    count = torch.zeros(T, E, dtype=torch.int32)
+    for t0, e in zip(time.tolist(), env.tolist()):
+        for t in range(t0, t0 + K + n + 1):
+            count[t % T, e] += 1
+    assert torch.equal(buf.reanalyzed, count)
+    for row in range(T):
+        t = int(buf.times()[row])
+        for e in range(E):
+            x = t * E + e + 1
+            if count[row, e]:
+                assert float(buf.network_value[row, e]) == pytest.approx(x, rel=1e-4, abs=1e-3), (t, e)
+                assert float(buf.root_value[row, e]) == pytest.approx((x + discount * (x + 1)) / 2, rel=1e-4, abs=1e-3)
+                assert buf.policy[row, e].tolist() == F.one_hot(torch.tensor(x % 3), 3).float().tolist()
+            else:
+                assert (float(buf.network_value[row, e]), float(buf.root_value[row, e])) == (-7.0, -5.0)
+                assert buf.policy[row, e].tolist() == pytest.approx([1 / 3] * 3)
+
+
+# ---- the training step ------------------------------------------------------------------------
+def test_train_step_nce_targets_come_from_the_target_network_at_t_plus_k(monkeypatch):
+    """The online network unrolls from the observation at t; the target network (not the online
+    one) encodes the real observations at t+1..t+K for the NCE targets; negatives are masked
+    for pairs of one episode: same env and same episode start (time - episode step)."""
+    args = tiny_args("--target-update-interval", "1000")
+    learner = tiny_learner(args, apart=True)
+    env, time, step = (0, 0, 0, 1, 1, 0), (20, 22, 30, 20, 25, 20), (5, 7, 3, 5, 10, 5)  # starts 15, 15, 27, 15, 15, 15
+    seq, time, env = random_batch(args, 0, env, time, step)
+    B, S, K = 6, TINY_STACK, args.jumps
+    obs = M.stack_observations(seq.frames, seq.episode_step, S)                          # [B, K+n+1, S*C, H, W]
+    real = obs[:, 1:K + 1].flatten(0, 1)
+    with torch.no_grad():  # one observation at a time: each target depends on its own observation alone
+        expected = torch.cat([learner.target.project(learner.target.representation(x[None]), online=False)
+                              for x in real]).view(B, K, -1)
+    online_inputs, target_inputs = [], []
+    learner.net.representation.register_forward_hook(lambda m, inputs, out: online_inputs.append(inputs[0]))
+    learner.target.representation.register_forward_hook(lambda m, inputs, out: target_inputs.append(inputs[0]))
+    calls = record_calls(monkeypatch, "muzero_losses")
+    learner.train_step(seq, time, env, torch.ones(B), torch.full((B,), args.td_steps))
+    assert len(online_inputs) == 1 and torch.equal(online_inputs[0], obs[:, 0])
+    assert len(target_inputs) == 1 and torch.equal(target_inputs[0], real)
+    torch.testing.assert_close(calls[0]["target_projections"], expected)
+    same = [[env[i] == env[j] and time[i] - step[i] == time[j] - step[j] for j in range(B)] for i in range(B)]
+    assert calls[0]["same_episode"].tolist() == same
+    assert same[0] == [True, True, False, False, False, True]  # the case list above does cover each kind
+
+
+@pytest.mark.parametrize("flags, source", [
+    ([], "root_value"),
+    (["--no-search-value-targets"], "network_value"),
+    (["--no-search-value-targets", "--local-target-net"], "target network"),
+])
+def test_train_step_bootstraps_from_the_values_its_flags_name(monkeypatch, flags, source):
+    args = tiny_args(*flags)
+    learner = tiny_learner(args, apart=True)
+    seq, time, env = random_batch(args, 3)
+    S = TINY_STACK
+    if source == "target network":
+        obs = M.stack_observations(seq.frames, seq.episode_step, S).flatten(0, 1)
+        with torch.no_grad():
+            expected = M.support_to_scalar(learner.target.initial_inference(obs)[2], args.support_size).view(6, -1)
+    else:
+        expected = getattr(seq, source)[:, S - 1:]                                      # rows t..t+K+n
+    calls = record_calls(monkeypatch, "n_step_targets")
+    learner.train_step(seq, time, env, torch.ones(6), torch.full((6,), args.td_steps))
+    assert calls[0]["values"].shape == expected.shape
+    torch.testing.assert_close(calls[0]["values"], expected)
+
+
+def test_train_step_refreshes_the_target_and_follows_the_schedule(monkeypatch):
+    """Target refresh every --target-update-interval updates (here 3), the learning rate of each
+    update from the schedule, the loss (each term's importance-weighted mean times its weight),
+    and the gradient clipped to --max-grad-norm."""
+    weights = {"value": 0.3, "policy": 0.7, "reward": 1.3, "nce": 0.4}
+    args = tiny_args("--target-update-interval", "3", "--lr", "0.1", "--lr-warmup-steps", "2", "--lr-decay-steps", "4",
+                     "--lr-decay-rate", "0.5", "--value-loss-weight", "0.3", "--policy-loss-weight", "0.7",
+                     "--reward-loss-weight", "1.3", "--nce-weight", "0.4", "--max-grad-norm", "0.05")
+    learner = tiny_learner(args)
+    seq, time, env = random_batch(args, 4)
+    importance = torch.tensor([0.2, 1.0, 0.5, 0.9, 0.3, 0.7])
+    calls = record_calls(monkeypatch, "muzero_losses")
+    snapshot = lambda net: {k: v.clone() for k, v in net.state_dict().items()}
+    target, lrs = snapshot(learner.target), []
+    for update in range(1, 8):
+        metrics, _ = learner.train_step(seq, time, env, importance, torch.full((6,), args.td_steps))
+        lrs.append(learner.optimizer.param_groups[0]["lr"])
+        if update % 3 == 0:
+            target = snapshot(learner.net)
+        now, net = learner.target.state_dict(), learner.net.state_dict()
+        assert all(torch.equal(now[k], target[k]) for k in now), update
+        assert (update % 3 == 0) == all(torch.equal(now[k], net[k]) for k in now), update
+        terms = calls[-1]["result"][0]
+        losses = {name: (terms[name] * importance).mean() for name in weights}
+        for name in weights:
+            torch.testing.assert_close(metrics[f"losses/{name}"], losses[name])
+        torch.testing.assert_close(metrics["losses/total"], sum(weights[name] * losses[name] for name in weights))
+        clipped = torch.stack([p.grad.norm() for p in learner.net.parameters() if p.grad is not None]).norm()
+        assert float(metrics["losses/grad_norm"]) > 0.05 and float(clipped) == pytest.approx(0.05, rel=1e-4)
+    assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05])
+
+
+# ---- processes and resume -----------------------------------------------------------------------
+@pytest.mark.parametrize("flags", [["--no-nce"], ["--jumps", "0"]])
+def test_ddp_trains_without_nce_and_without_unroll(flags):
+    """DDP (here a one-process gloo group) stops at the second update if a parameter got no
+    gradient in the first: --no-nce must build no NCE heads, and --jumps 0 (no dynamics) must
+    tell DDP."""
+    import torch.distributed as dist
+    args = tiny_args(*flags)
+    seq, time, env = random_batch(args, 5)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{M.free_port()}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        net = M.MuZeroNet(TINY_FRAME, TINY_STACK, TINY_ACTIONS, args)
+        learner = M.Learner(net, args, CPU, model=M.ddp_model(net, args, CPU))
+        for _ in range(3):
+            learner.train_step(seq, time, env, torch.ones(6), torch.full((6,), args.td_steps))
+    finally:
+        dist.destroy_process_group()
+    assert learner.updates == 3
+    unused = {name for name, p in net.named_parameters() if p.grad is None}
+    if args.jumps:
+        assert not unused
+    else:
+        assert {name for name, _ in net.named_parameters() if name.startswith("dynamics.")} <= unused
+
+
+def test_every_process_draws_its_own_batches():
+    """Every actor, reanalyze worker and trainer of every node has its own seed (each process
+    uses seed, seed + 1 and seed + 2), so their samplers draw different batches."""
+    args = tiny_args("--seed", "5")
+    seeds = {(role, index, node): M.process_seed(args, role, index, node)
+             for node in range(3) for role, count in (("actor", 1), ("reanalyze", 4), ("trainer", 4))
+             for index in range(count)}
+    used = [seed + offset for seed in seeds.values() for offset in range(3)]
+    assert len(set(used)) == len(used)
+    buf = M.ReplayBuffer(30, 3, (1, 1, 1), 2, 1, 1, 1)
+    add_steps(buf, 10)
+    batches = []
+    for (role, index, node), seed in seeds.items():
+        if role != "actor":
+            time, env, _ = buf.sample(8, 0.4, M.make_generator("cpu", seed))
+            batches.append(tuple((time * 3 + env).tolist()))
+    assert len(set(batches)) == len(batches)
+
+
+def test_resume_without_env_state_cuts_the_running_episodes(tmp_path):
+    """A checkpoint whose envs could not be pickled (ALE's): the resumed buffer ends each env's
+    last stored step as truncated (it still bootstraps), and fresh episodes start."""
+    args = tiny_args("--save-buffer", "--num-simulations", "2")
+
+    def fresh():
+        envs = env_fn(2)
+        frame_shape, stack, num_actions = M.env_spec(envs)
+        torch.manual_seed(0)
+        net = M.MuZeroNet(frame_shape, stack, num_actions, args)
+        buffer = M.ReplayBuffer(args.buffer_size, 2, frame_shape, num_actions, stack, args.jumps, args.td_steps)
+        generators = [torch.Generator().manual_seed(i) for i in range(3)]
+        actor = M.Actor(envs, buffer, args, CPU, generators[1], 1)
+        return envs, M.Learner(net, args, CPU), copy.deepcopy(net).eval(), buffer, actor, generators
+
+    envs, learner, acting, buffer, actor, generators = fresh()
+    for _ in range(7):
+        actor.step(acting, 1.0)
+    counters = {**M.fresh_counters(args), "env_steps": 14}
+    path = str(tmp_path / "checkpoint.pt")
+    M.save_run(path, args, learner, acting, counters, buffer,
+               {"actor": actor.state_dict(), "rng": M.rng_state(generators), "envs": None})
+    envs.close()
+    envs, learner, acting, resumed, actor, generators = fresh()
+    M.resume(path, learner, acting, M.fresh_counters(args), resumed, actor, generators, envs)
+    envs.close()
+    last = (buffer.steps - 1) % buffer.T
+    truncated = buffer.truncated.clone()
+    truncated[last] = True
+    assert torch.equal(resumed.truncated, truncated) and not buffer.truncated[last].any()
+    assert torch.equal(resumed.frames, buffer.frames) and torch.equal(resumed.terminal, buffer.terminal)
+    assert actor.episode_step.tolist() == [0, 0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Learning: a corridor that needs lookahead
 # ---------------------------------------------------------------------------------------------
@@ -1211,10 +1805,10 @@ def env_fn(num_envs):
                                     autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
 
 
-def corridor_args(tmp_path, seed, **overrides):
+def corridor_args(tmp_path, seed, *flags, **overrides):
     """A small network and 6,400 env steps (200 per env, ~1,450 updates). --td-steps 5 spans the
     whole walk to the goal; reanalyze refreshes a quarter of each batch (with root noise)."""
-    flags = {
+    values = {
         "--device": "cpu", "--seed": seed, "--num-envs": 32,
         "--channels": 16, "--blocks": 1, "--reduced-channels": 4, "--head-hidden": 32, "--support-size": 10,
         "--proj-hidden": 64, "--proj-dim": 64, "--pred-hidden": 32,
@@ -1228,9 +1822,8 @@ def corridor_args(tmp_path, seed, **overrides):
         "--run-dir": str(tmp_path / "run"),
     }
     # Atari's recipe does not fit a 3x7 image with a 0.3 decoy: no pixel shifts, no reward clipping
-    extra = ["--no-augment", "--no-clip-rewards"]
-    flags.update(overrides)
-    return M.parse_args([str(x) for kv in flags.items() for x in kv] + extra)
+    values = {**values, **overrides}
+    return M.parse_args([str(x) for kv in values.items() for x in kv] + ["--no-augment", "--no-clip-rewards", *flags])
 
 
 def test_corridor_env_contract():
@@ -1302,6 +1895,26 @@ def test_zero_simulations_runs(tmp_path):
                 for g in range(episodes + 1) for d in range(episodes + 1 - g)}
     assert round(result["eval_return"], 6) in possible
 
+def test_local_target_net_runs(tmp_path, monkeypatch):
+    """--no-search-value-targets --local-target-net end to end (which values it bootstraps from:
+    test_train_step_bootstraps_from_the_values_its_flags_name). On the way: the importance
+    exponent anneals from --priority-beta (0.4) toward 1 with the share of env steps done."""
+    betas, real_sample = [], M.ReplayBuffer.sample
+
+    def sample(self, batch_size, beta, generator=None):
+        betas.append(beta)
+        return real_sample(self, batch_size, beta, generator)
+
+    monkeypatch.setattr(M.ReplayBuffer, "sample", sample)
+    args = corridor_args(tmp_path, 3, "--no-search-value-targets", "--local-target-net",
+                         **{"--total-env-steps": 960, "--train-steps-per-env-step": 0.05})
+    result = M.train(args, env_fn)
+    assert result["env_steps"] == 960 and result["updates"] == len(betas) > 0
+    # updates start once 640 env steps are in and end at 960: beta goes from 0.4 + 0.6 * 640 / 960 to 1
+    assert betas == sorted(betas)
+    assert betas[0] == pytest.approx(0.4 + 0.6 * 640 / 960) and betas[-1] == pytest.approx(1.0)
+
+
 def test_slow_runs_still_print_progress(tmp_path, monkeypatch, capsys):
     """With --log-interval out of reach, a line still comes once the last is `overdue` (a
     minute; here 0 s, so after every actor step and every update): the CPU at the default
@@ -1364,6 +1977,20 @@ def test_cli_trains_logs_checkpoints_and_resumes(tmp_path):
     assert state["args"]["channels"] == 8  # the saved flags came back
     # without --save-buffer the buffer warms up again (32 steps) before training resumes
     assert state["updates"] == 80 - 32 + 2 + (120 - (80 + 32) + 2)
+
+
+def test_cli_grayscale_sticky_actions_and_no_unroll(tmp_path):
+    """Flags no other run takes, in one single-process run: one-channel frames, sticky actions,
+    and --jumps 0 (no dynamics and no NCE step to train)."""
+    run = tmp_path / "run"
+    done = run_script("--game", "ms_pacman", *TINY, "--grayscale", "--sticky-actions", "0.25", "--jumps", "0",
+                      "--total-env-steps", "48", "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr
+    assert "sticky 0.25" in done.stdout and "frames (1, 96, 96) x 4" in done.stdout
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["updates"] == 48 - 32 + 2
+    assert state["net"]["representation.net.0.weight"].shape[1] == 4  # 4 stacked one-channel frames
+    assert scalars(run, "losses/value") and not scalars(run, "nce/accuracy_step_1")
 
 
 def test_same_seed_same_losses(tmp_path):
@@ -1666,6 +2293,8 @@ def test_layout_runs_and_resumes(tmp_path):
     reanalyzed = state["counters"]["reanalyzed_sequences"]
     # each trained batch of 4 had its first 1 (--reanalyze-fraction 0.25) reanalysed; a few more were sampled ahead
     assert 50 <= reanalyzed <= 50 + 2 * M.LOOKAHEAD and int(state["buffer"]["reanalyzed"].sum()) > 0
+    last_row = 80 // 2 - 1  # of each env's 100 rows; ALE's envs cannot be saved, so the resume cuts their episodes
+    running = ~(state["buffer"]["terminal"][last_row] | state["buffer"]["truncated"][last_row])
 
     resumed = run_script("--resume", str(run / "checkpoint.pt"), "--total-env-steps", "120", "--run-dir", str(run),
                          timeout=120)
@@ -1674,6 +2303,18 @@ def test_layout_runs_and_resumes(tmp_path):
     assert state["counters"]["env_steps"] == 120 and state["args"]["devices"] == "cpu,cpu,cpu,cpu"
     assert state["updates"] == 120 - 32 + 2 == 2 * adam_steps(state)  # the saved buffer: no warm-up again
     assert state["counters"]["reanalyzed_sequences"] >= reanalyzed + 40
+    assert state["buffer"]["truncated"][last_row][running].all() and running.any()
+
+
+def test_layout_without_nce(tmp_path):
+    """--no-nce through DDP, where NCE heads left without a gradient would stop the second update."""
+    run = tmp_path / "run"
+    done = run_script(*LAYOUT, "--no-nce", "--total-env-steps", "60", "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["updates"] == 60 - 32 + 2 and not [name for name in state["net"] if name.startswith("projection")]
+    checksums = state["counters"]["replica_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
 
 
 def test_torchrun_two_nodes(tmp_path):
