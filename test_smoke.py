@@ -1625,28 +1625,36 @@ def test_train_step_bootstraps_from_the_values_its_flags_name(monkeypatch, flags
     torch.testing.assert_close(calls[0]["values"], expected)
 
 
-def test_train_step_refreshes_the_target_and_follows_the_schedule(monkeypatch):
+@pytest.mark.parametrize("world, refreshed, expected_lrs", [
+    (1, [3, 6], [0.05, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05]),
+    # two DDP trainers: a step trains two batches and counts two updates (0, 2, 4, ...)
+    (2, [2, 3, 5, 6], [0.05, 0.1, 0.05, 0.05, 0.025, 0.025, 0.0125]),
+])
+def test_train_step_refreshes_the_target_and_follows_the_schedule(monkeypatch, world, refreshed, expected_lrs):
     """Target refresh every --target-update-interval updates (here 3), the learning rate of each
     update from the schedule, the loss (each term's importance-weighted mean times its weight),
-    and the gradient clipped to --max-grad-norm."""
+    and the gradient clipped to --max-grad-norm. With `world` trainers each step counts `world`
+    updates (batches), and the schedules count those."""
     weights = {"value": 0.3, "policy": 0.7, "reward": 1.3, "nce": 0.4}
     args = tiny_args("--target-update-interval", "3", "--lr", "0.1", "--lr-warmup-steps", "2", "--lr-decay-steps", "4",
                      "--lr-decay-rate", "0.5", "--value-loss-weight", "0.3", "--policy-loss-weight", "0.7",
                      "--reward-loss-weight", "1.3", "--nce-weight", "0.4", "--max-grad-norm", "0.05")
     learner = tiny_learner(args)
+    learner.world = world
     seq, time, env = random_batch(args, 4)
     importance = torch.tensor([0.2, 1.0, 0.5, 0.9, 0.3, 0.7])
     calls = record_calls(monkeypatch, "muzero_losses")
     snapshot = lambda net: {k: v.clone() for k, v in net.state_dict().items()}
     target, lrs = snapshot(learner.target), []
-    for update in range(1, 8):
+    for step in range(1, 8):
         metrics, _ = learner.train_step(seq, time, env, importance, torch.full((6,), args.td_steps))
+        assert learner.updates == step * world
         lrs.append(learner.optimizer.param_groups[0]["lr"])
-        if update % 3 == 0:
+        if step in refreshed:
             target = snapshot(learner.net)
         now, net = learner.target.state_dict(), learner.net.state_dict()
-        assert all(torch.equal(now[k], target[k]) for k in now), update
-        assert (update % 3 == 0) == all(torch.equal(now[k], net[k]) for k in now), update
+        assert all(torch.equal(now[k], target[k]) for k in now), step
+        assert (step in refreshed) == all(torch.equal(now[k], net[k]) for k in now), step
         terms = calls[-1]["result"][0]
         losses = {name: (terms[name] * importance).mean() for name in weights}
         for name in weights:
@@ -1654,7 +1662,7 @@ def test_train_step_refreshes_the_target_and_follows_the_schedule(monkeypatch):
         torch.testing.assert_close(metrics["losses/total"], sum(weights[name] * losses[name] for name in weights))
         clipped = torch.stack([p.grad.norm() for p in learner.net.parameters() if p.grad is not None]).norm()
         assert float(metrics["losses/grad_norm"]) > 0.05 and float(clipped) == pytest.approx(0.05, rel=1e-4)
-    assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05])
+    assert lrs == pytest.approx(expected_lrs)
 
 
 # ---- processes and resume -----------------------------------------------------------------------
