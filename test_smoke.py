@@ -1603,6 +1603,31 @@ def test_train_step_nce_targets_come_from_the_target_network_at_t_plus_k(monkeyp
     assert same[0] == [True, True, False, False, False, True]  # the case list above does cover each kind
 
 
+def test_train_step_augments_the_online_input_and_the_nce_targets_alike(monkeypatch):
+    """With --augment, one augment() call per update shifts the sample's whole window: the
+    online network unrolls from its step 0 and the target network encodes its steps 1..K, so a
+    prediction and its target see the same shift. The bootstrap values (--local-target-net) come
+    from the observations as stored."""
+    args = tiny_args("--augment", "--no-search-value-targets", "--local-target-net")
+    learner = tiny_learner(args, apart=True)
+    seq, time, env = random_batch(args, 5)
+    B, S, K = 6, TINY_STACK, args.jumps
+    obs = M.stack_observations(seq.frames, seq.episode_step, S)                          # [B, K+n+1, S*C, H, W]
+    augmented = []
+    real_augment = M.augment
+    monkeypatch.setattr(M, "augment", lambda x, g=None: augmented.append((x, real_augment(x, g))) or augmented[-1][1])
+    online_inputs, target_inputs = [], []
+    learner.net.representation.register_forward_hook(lambda m, inputs, out: online_inputs.append(inputs[0]))
+    learner.target.representation.register_forward_hook(lambda m, inputs, out: target_inputs.append(inputs[0]))
+    learner.train_step(seq, time, env, torch.ones(B), torch.full((B,), args.td_steps))
+    (given, seen), = augmented
+    assert torch.equal(given, obs[:, :K + 1]) and not torch.equal(seen, given.float())
+    assert len(online_inputs) == 1 and torch.equal(online_inputs[0], seen[:, 0])
+    # the target network's calls: the bootstrap values from the stored observations, then the NCE targets
+    assert len(target_inputs) == 2 and torch.equal(target_inputs[0], obs.flatten(0, 1))
+    assert torch.equal(target_inputs[1], seen[:, 1:].flatten(0, 1))
+
+
 @pytest.mark.parametrize("flags, source", [
     ([], "root_value"),
     (["--no-search-value-targets"], "network_value"),
