@@ -26,6 +26,7 @@ import argparse
 import copy
 import datetime
 import difflib
+import gc
 import json
 import math
 import os
@@ -1653,6 +1654,11 @@ def process_entry(role, index, body, args, shared, *extra):
         shared.counters[STOP] = 1
         shared.errors.put((f"{role} {index}", traceback.format_exc()))
         sys.exit(1)
+    # The work is done and saved. Leave without the interpreter's teardown, where a library's
+    # background thread that still holds a tensor can abort a finished process.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def updates_allowed_now(counters, args):
@@ -1829,6 +1835,13 @@ def trainer_process(args, shared, index, layout):
         save_run(os.path.join(run_dir, "checkpoint.pt"), args, learner, shared.weights,
                  {**counters_dict(counters), "replica_checksums": [float(c) for c in checksums]}, buffer)
         progress.close()
+    # Tear down in order, while the interpreter is whole: DDP's reducer holds the process group,
+    # and freed late (by the garbage collector at exit) gloo's threads abort the process
+    # ("terminate called without an active exception"). The barrier keeps rank 0, which hosts
+    # the group's store, alive until every rank is done with it.
+    del learner
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
