@@ -39,11 +39,17 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch import Tensor
+# OpenMP's threads spin while they wait for work. The search runs thousands of tiny ops, and when
+# another process holds a core (a second run, any busy job) a spinning thread keeps its partner
+# waiting a whole scheduler slice: the search ran 20-50x slower. Passive threads sleep instead.
+# Set before torch loads OpenMP; OMP_WAIT_POLICY in the environment still wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------

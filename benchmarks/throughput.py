@@ -4,6 +4,8 @@
                                                # lookup-table model, then pUCT on the real network
     python benchmarks/throughput.py actor      # actor env steps/s: ms_pacman, 64 envs, default network, 50 sims
     python benchmarks/throughput.py learner    # trainer updates/s: default network and batch (200 x 5 unroll steps)
+    python benchmarks/throughput.py update     # one training update and one actor step at the defaults, split by part
+    python benchmarks/throughput.py busy       # the search and the actor, quiet and beside a busy-loop process
     python benchmarks/throughput.py layout     # env steps/s: the single process vs the process layout
     add --device cuda to run on the GPU (layout: --devices cuda:0,cuda:0,cuda:0 shares one GPU)
 
@@ -11,6 +13,7 @@ Every run prints the hardware it ran on. Timings are medians over --repeats afte
 The search against DeepMind's mctx and LightZero's C++ tree is ../shared/bench/search_vs_mctx.py.
 """
 import argparse
+import collections
 import math
 import os
 import platform
@@ -20,11 +23,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import muzero_nce  # noqa: E402
+import muzero_nce  # noqa: E402  (first: it sets OpenMP's wait policy before torch loads OpenMP)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,42 +126,187 @@ def bench_search(device, repeats, sync):
         print(f"{'network':>8} {B:>5} {50:>5} {B * 50 / seconds:>12,.0f}")
 
 
-def bench_actor(device, repeats, sync, num_envs=64, sims=50):
-    """Env steps per second of the actor (search + ALE stepping + buffer writes)."""
+def make_actor(device, num_envs=64, sims=50):
+    """The actor at the defaults on ms_pacman: its envs, network and buffer."""
     args = default_args("--num-envs", str(num_envs), "--num-simulations", str(sims))
     envs = muzero_nce.make_atari_env_fn(args)(num_envs)
     frame_shape, stack, num_actions = muzero_nce.env_spec(envs)
     net = muzero_nce.MuZeroNet(frame_shape, stack, num_actions, args).to(device).eval()
     buffer = muzero_nce.ReplayBuffer(args.buffer_size, num_envs, frame_shape, num_actions, stack, args.jumps,
                                      args.td_steps)
-    actor = muzero_nce.Actor(envs, buffer, args, device, muzero_nce.make_generator(device, 0), 0)
+    return muzero_nce.Actor(envs, buffer, args, device, muzero_nce.make_generator(device, 0), 0), net
+
+
+def bench_actor(device, repeats, sync, num_envs=64, sims=50):
+    """Env steps per second of the actor (search + ALE stepping + buffer writes)."""
+    actor, net = make_actor(device, num_envs, sims)
     seconds = median_time(lambda: actor.step(net, 1.0), repeats, sync)
     print(f"actor: {num_envs} envs, {sims} simulations: {num_envs / seconds:,.0f} env steps/s, "
           f"{num_envs * sims / seconds:,.0f} sims/s ({seconds * 1000:.0f} ms per step)")
 
 
+def filled_buffer(args, frame_shape=(3, 96, 96), num_actions=9, stack=4, E=64, T=64):
+    """Synthetic data: the cost of an update does not depend on its content."""
+    buffer = muzero_nce.ReplayBuffer(E * T, E, frame_shape, num_actions, stack, args.jumps, args.td_steps)
+    for t in range(T):
+        buffer.add(torch.randint(0, 256, (E, *frame_shape), dtype=torch.uint8), torch.rand(E),
+                   torch.zeros(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool), torch.full((E,), t),
+                   torch.randint(0, num_actions, (E,)), torch.full((E, num_actions), 1 / num_actions),
+                   torch.rand(E), torch.rand(E))
+    return buffer
+
+
 def bench_learner(device, repeats, sync):
     """Updates per second of Learner.train_step at the default batch, unroll and network."""
     args = default_args("--num-envs", "64")
-    frame_shape, stack, num_actions = (3, 96, 96), 4, 9
-    net = muzero_nce.MuZeroNet(frame_shape, stack, num_actions, args).to(device)
-    learner = muzero_nce.Learner(net, args, device)
-    buffer = muzero_nce.ReplayBuffer(64 * 64, 64, frame_shape, num_actions, stack, args.jumps, args.td_steps)
-    for t in range(64):  # synthetic data: the cost of an update does not depend on its content
-        buffer.add(torch.randint(0, 256, (64, *frame_shape), dtype=torch.uint8), torch.rand(64),
-                   torch.zeros(64, dtype=torch.bool), torch.zeros(64, dtype=torch.bool), torch.full((64,), t),
-                   torch.randint(0, num_actions, (64,)), torch.full((64, num_actions), 1 / num_actions),
-                   torch.rand(64), torch.rand(64))
-    sampler = muzero_nce.make_generator("cpu", 0)
+    learner = muzero_nce.Learner(muzero_nce.MuZeroNet((3, 96, 96), 4, 9, args).to(device), args, device)
+    buffer, sampler = filled_buffer(args), muzero_nce.make_generator("cpu", 0)
 
     def update():
-        time_, env, weights = buffer.sample(args.batch_size_per_worker, 0.4, sampler)
+        time_, env, weights, td_steps = muzero_nce.sample_batch(buffer, args, 0, sampler)
         seq = muzero_nce.Sequences(*(x.to(device) for x in buffer.window(time_, env)))
-        learner.train_step(seq, time_, env, weights.to(device))
+        learner.train_step(seq, time_, env, weights.to(device), td_steps)
 
     seconds = median_time(update, repeats, sync)
     print(f"learner: batch {args.batch_size_per_worker} x {args.jumps} unroll steps, default network: "
           f"{1 / seconds:,.2f} updates/s ({seconds * 1000:,.0f} ms per update)")
+
+
+class Clock:
+    """Wall time per part of a run, each part its own: a part entered inside another (the network
+    inside the search) pauses the outer one. Parts are functions wrapped by `patch`, unwrapped by
+    `restore`."""
+
+    def __init__(self, sync):
+        self.sync, self.seconds, self.parts, self.patched = sync, collections.Counter(), ["other"], []
+        self.mark = time.perf_counter()
+
+    def switch(self, enter=None):
+        """Credit the time since the last switch to the current part, then enter a part or, with
+        enter=None, go back to the one outside it."""
+        self.sync()
+        now = time.perf_counter()
+        self.seconds[self.parts[-1]] += now - self.mark
+        self.mark = now
+        self.parts.append(enter) if enter else self.parts.pop()
+
+    def patch(self, owner, name, part):
+        real = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            # Tensor.to counts as a copy only when it names a device; .cpu() always does
+            moving = part != "host-device copies" or name == "cpu" or "device" in kwargs \
+                or any(isinstance(a, (str, torch.device)) for a in args)
+            self.switch(enter=part if moving else self.parts[-1])
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.switch()
+        self.patched.append((owner, name, real))
+        setattr(owner, name, timed)
+
+    def restore(self):
+        for owner, name, real in reversed(self.patched):
+            setattr(owner, name, real)
+
+    def report(self, title, total):
+        print(f"{title}: {total:,.3f} s")
+        for part, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
+            print(f"  {part:<34} {seconds:>9.3f} s  {100 * seconds / total:5.1f}%")
+
+
+def bench_update(device, repeats, sync):
+    """One training update at the defaults (200 sequences, reanalyze refreshing all of them: 200 x
+    11 roots, 50 simulations; then the learner's step) and one actor step (64 envs, 50
+    simulations), each split into tree ops, network calls, learner, buffer, copies, env; and the
+    wall-clock of a 100k-step run projected from them."""
+    M = muzero_nce
+    args = default_args("--num-envs", "64")
+    net = M.MuZeroNet((3, 96, 96), 4, 9, args).to(device)
+    learner, acting = M.Learner(net, args, device), M.MuZeroNet((3, 96, 96), 4, 9, args).to(device).eval()
+    buffer = filled_buffer(args)
+    sampler, noise = M.make_generator("cpu", 0), M.make_generator(device, 1)
+    actor, actor_net = make_actor(device)
+
+    def update():  # train()'s update at --reanalyze-fraction 1
+        time_, env, weights, td_steps = M.sample_batch(buffer, args, 0, sampler)
+        M.reanalyze(acting, buffer, time_, env, args, device, noise)
+        seq = M.Sequences(*(x.to(device) for x in buffer.window(time_, env)))
+        _, priorities = learner.train_step(seq, time_, env, weights.to(device), td_steps)
+        buffer.update_priorities(time_, env, priorities.cpu())
+
+    step = lambda: actor.step(actor_net, 1.0)
+    update(), step()  # warm-up: allocator, caches
+    sync()
+    totals = {}
+    for name, fn in (("update", update), ("actor step", step)):
+        clock = Clock(sync)
+        for owner, method, part in ((M.MuZeroNet, "initial_inference", "network calls"),
+                                    (M.MuZeroNet, "recurrent_inference", "network calls"),
+                                    (M, "search", "tree ops (search minus network)"),
+                                    (M.Learner, "train_step", "learner forward/backward/step"),
+                                    (M, "stack_observations", "buffer: sample, window, stack"),
+                                    (M.ReplayBuffer, "sample", "buffer: sample, window, stack"),
+                                    (M.ReplayBuffer, "window", "buffer: sample, window, stack"),
+                                    (M.ReplayBuffer, "add", "buffer: writes"),
+                                    (M.ReplayBuffer, "write_targets", "buffer: writes"),
+                                    (M.ReplayBuffer, "update_priorities", "buffer: writes"),
+                                    (actor.envs, "step", "env step (ALE)")):
+            clock.patch(owner, method, part)
+        clock.patch(torch.Tensor, "to", "host-device copies")
+        clock.patch(torch.Tensor, "cpu", "host-device copies")
+        start = clock.mark = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        clock.switch(enter="other")  # credit the tail to the part it ran in
+        clock.restore()
+        totals[name] = (time.perf_counter() - start) / repeats
+        clock.seconds = collections.Counter({k: v / repeats for k, v in clock.seconds.items()})
+        clock.report(f"{name} (mean of {repeats})", totals[name])
+    updates = args.total_env_steps - args.learning_starts  # --train-steps-per-env-step 1
+    steps = args.total_env_steps // args.num_envs
+    seconds = updates * totals["update"] + steps * totals["actor step"]
+    print(f"projected {args.total_env_steps:,}-step run (single process, no evaluation): {updates:,} updates x "
+          f"{totals['update']:.2f} s + {steps:,} actor steps x {totals['actor step']:.2f} s = "
+          f"{seconds / 3600:,.1f} h ({seconds / 86400:,.1f} days)")
+
+
+def bench_busy(device, repeats, sync):
+    """The single process on a machine where another process holds a core: simulations per second
+    of the search (lookup-table model, B = 64, 50 simulations) and of the actor (default network,
+    64 envs, 50 simulations), quiet and beside one busy-loop process, in turn, at torch's default
+    thread settings. Kept = busy / quiet. Run it on an otherwise idle machine."""
+    S, A, B = 4096, 9, 64
+    rng = np.random.default_rng(0)
+    nxt = torch.as_tensor(rng.integers(0, S, (S, A)), device=device)
+    rew, val, logit = (torch.as_tensor(rng.normal(0, 1, shape).astype(np.float32), device=device)
+                       for shape in ((S, A), S, (S, A)))
+    roots = torch.as_tensor(rng.integers(0, S, B), device=device)
+
+    def table(emb, action):
+        n = nxt[emb, action]
+        return rew[emb, action], val[n], logit[n], n
+
+    actor, net = make_actor(device)
+    cases = (("search, table model, B = 64 x 50",
+              lambda: muzero_nce.search(logit[roots], val[roots], roots, table, 50, dirichlet_fraction=0.0)),
+             ("actor step, default network, 64 x 50", lambda: actor.step(net, 1.0)))
+    print(f"{torch.get_num_threads()} intra-op threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(f"{'':<38} {'quiet sims/s':>13} {'busy sims/s':>12} {'kept':>6}")
+    for name, fn in cases:
+        fn()  # warm-up
+        quiet, busy = [], []
+        for _ in range(repeats):
+            quiet.append(median_time(fn, 1, sync))
+            spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            try:
+                time.sleep(0.5)  # let it take its core
+                busy.append(median_time(fn, 1, sync))
+            finally:
+                spinner.kill()
+                spinner.wait()
+        q, b = 64 * 50 / statistics.median(quiet), 64 * 50 / statistics.median(busy)
+        print(f"{name:<38} {q:>13,.0f} {b:>12,.0f} {b / q:>6.2f}")
 
 
 def bench_layout(device, repeats, sync, devices=None):
@@ -183,7 +331,7 @@ def bench_layout(device, repeats, sync, devices=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["search", "actor", "learner", "layout"])
+    parser.add_argument("part", choices=["search", "actor", "learner", "update", "busy", "layout"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--devices", default=None, help="layout: the --devices list of the layout run")
@@ -194,7 +342,8 @@ def main():
     if args.part == "layout":
         bench_layout(device, args.repeats, sync, args.devices)
     else:
-        {"search": bench_search, "actor": bench_actor, "learner": bench_learner}[args.part](device, args.repeats, sync)
+        {"search": bench_search, "actor": bench_actor, "learner": bench_learner, "update": bench_update,
+         "busy": bench_busy}[args.part](device, args.repeats, sync)
 
 
 if __name__ == "__main__":
