@@ -263,7 +263,7 @@ def bench_update(device, repeats, sync):
         totals[name] = (time.perf_counter() - start) / repeats
         clock.seconds = collections.Counter({k: v / repeats for k, v in clock.seconds.items()})
         clock.report(f"{name} (mean of {repeats})", totals[name])
-    updates = args.total_env_steps - args.learning_starts  # --train-steps-per-env-step 1
+    updates = M.updates_allowed(args.total_env_steps, args.learning_starts, 0, args)
     steps = args.total_env_steps // args.num_envs
     seconds = updates * totals["update"] + steps * totals["actor step"]
     print(f"projected {args.total_env_steps:,}-step run (single process, no evaluation): {updates:,} updates x "
