@@ -43,11 +43,17 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch import Tensor
+# OpenMP's threads spin while they wait for work. The search runs thousands of tiny ops, and when
+# another process holds a core (a second run, any busy job) a spinning thread keeps its partner
+# waiting a whole scheduler slice: the search ran 20-50x slower. Passive threads sleep instead.
+# Set before torch loads OpenMP; OMP_WAIT_POLICY in the environment still wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1154,10 +1160,11 @@ class QTargets(NamedTuple):
 
 def q_learning_targets(seq, values, probs, td_steps, args, stack):
     """Targets for Q(s_{t+k}, a_{t+k}), k = 0..K, as distributions over the Q head's atoms.
-    Without C51 (probs None): the two-hot in h-space of the n-step return z_k of n_step_targets,
-    bootstrapped from values [B, K+n+1] with n = td_steps (an int or each sample's [B]). With C51: R_k + discount^h Z projected onto the atoms,
-    R_k the n-step rewards and Z ~ probs [B, K+n+1, M], the bootstrap row's distribution (none
-    past a terminal end: all the mass on R_k). Returns (Targets, QTargets)."""
+    n is td_steps (an int, or each sample's own [B]). Without C51 (probs None): the two-hot in
+    h-space of the n-step return z_k of n_step_targets, bootstrapped from values [B, K+n+1].
+    With C51: R_k + discount^h Z projected onto the atoms, R_k the n-step rewards and
+    Z ~ probs [B, K+n+1, M], the bootstrap row's distribution (none past a terminal end: all the
+    mass on R_k). Returns (Targets, QTargets)."""
     K, o = args.jumps, stack - 1
     if probs is None:
         targets = n_step_targets(seq, values, K, td_steps, args.discount, stack)

@@ -2975,7 +2975,8 @@ def test_q_targets_match_hand_computation(per_sample):
         torch.testing.assert_close(targets.bootstrap_discount[b], torch.tensor(discounts), msg=str((kind, j)))
         for k in range(K + 1):
             h = rows[k] - k
-            expected = sum(d ** i * float(seq.reward[b, o + k + i + 1]) for i in range(h)) + discounts[k] * float(values[b, rows[k]])
+            expected = (sum(d ** i * float(seq.reward[b, o + k + i + 1]) for i in range(h))
+                        + discounts[k] * float(values[b, rows[k]]))
             valid = kind != "truncated" or k < j
             assert float(q_targets.mask[b, k]) == float(valid), (kind, j, k)
             if valid:
@@ -3135,7 +3136,8 @@ def q_corridor_args(tmp_path, seed, mode):
 @pytest.mark.parametrize("mode", ["pure", "search", "c51"])
 def test_q_learning_solves_the_corridor(tmp_path, mode):
     """Each mode reaches at least 90% of the optimal return in the final evaluation (one intra-op
-    thread, as test_learns_corridor_needing_lookahead; checked with seeds SEEDS_CHECKED)."""
+    thread, as test_learns_corridor_needing_lookahead). Checked with these flags: seeds 1-8 reach
+    1.0 in the pure and C51 modes, seeds 1-10 with search."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -3238,7 +3240,8 @@ def test_q_layout_with_two_gloo_trainers_and_reanalyze(tmp_path):
 # Functions and classes defined in both scripts whose source differs by design. None: another
 # algorithm; a list of (muzero_nce.py text, q_learning.py text): the only differences allowed.
 Q_DIFFERS = {
-    "build_parser": None,       # Q's flags: epsilon, double Q, C51; no pUCT c2, root noise or policy loss
+    "build_parser": None,       # Q's flags: epsilon, double Q, C51; no --search, pUCT c2, root noise, Gumbel
+                                # or policy loss
     "check_args": None,         # Q's flag rules: C51 needs the target network, no policy head
     "make_recurrent_fn": None,  # the Q search's model interface: (reward, Q of every action, next latent)
     "run_search": None,         # the Q search, epsilon-greedy, instead of MCTS with noise and a temperature
