@@ -3212,6 +3212,9 @@ def test_q_original_commands_run(tmp_path, name):
         assert "single process on cpu" in done.stdout and state["updates"] == int((80 - 32 + 2) * 0.25)
         assert state["args"]["distributional"] and state["args"]["num_simulations"] == 2
         assert scalars(run, "losses/nce") and scalars(run, "losses/reward")
+        # --evaluate rebuilds the C51 network from the checkpoint's flags and repeats the last evaluation
+        result = Q.main(["--evaluate", str(run / "checkpoint.pt")])
+        assert result["returns"] == [value for _, value in scalars(run, "charts/eval_return")][-1:]
     else:  # the layout: actor and three gloo trainers, which end with the same weights
         assert "reanalyze [], trainers ['cpu', 'cpu', 'cpu'] (gloo)" in done.stdout
         checksums = state["counters"]["replica_checksums"]
