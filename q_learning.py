@@ -1047,8 +1047,9 @@ class Targets(NamedTuple):
     policy_mask: Tensor     # [B, K+1]
     nce_mask: Tensor        # [B, K]   the real observation at t+k exists (same episode)
     actions: Tensor         # [B, K]
-    bootstrap_row: Tensor   # [B, K+1] the row (0: t) whose value z_k bootstraps from, t+k+h
-    bootstrap_discount: Tensor  # [B, K+1] discount^h where z_k bootstraps, else 0
+    # where each z_k bootstraps (muzero_nce.py reads only z; q_learning.py's C51 needs the row)
+    bootstrap_row: Tensor = None       # [B, K+1] the row (0: t) whose value z_k bootstraps from, t+k+h
+    bootstrap_discount: Tensor = None  # [B, K+1] discount^h where z_k bootstraps, else 0
 
 
 def td_steps_by_age(args, time, steps):
