@@ -699,7 +699,8 @@ def make_recurrent_fn(net):
 # vector for all its actions (a node is one dynamics step, then the Q head), and the network's
 # Q(s, a) counts as the first sample of Q(s, a), so every N(s, a) starts at 1 and nothing
 # divides by zero. Node 0 of every tree is the root and node i is made at simulation i, as in
-# muzero_nce.py's search. Each simulation walks down all B trees by UCB1 (q_select),
+# muzero_nce.py's search. Each simulation walks down all B trees by UCB1 (q_select, on
+# muzero_nce.py's descend),
 #     argmax_a  Qnorm(s, a) + c1 sqrt(ln N(s) / N(s, a)),   N(s) = sum_a N(s, a),
 # makes one batched recurrent_fn call for the B new leaves (q_expand), values each new leaf by
 # max_a Q, and adds r + discount * G as a further sample of Q(s, a) on every edge of the path,
