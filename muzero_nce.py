@@ -55,9 +55,12 @@ from torch import Tensor  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 # 1. Arguments
 # ---------------------------------------------------------------------------------------------
+PROG = os.path.basename(__file__)  # the script's name, as its one-line errors give it
+
+
 def fail(message):
     """Bad input ends the run with one line naming the value and what would be valid."""
-    sys.exit(f"muzero_nce.py: error: {message}")
+    sys.exit(f"{PROG}: error: {message}")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -285,7 +288,7 @@ def parse_args(argv=None):
                      f"are fixed: " + ", ".join("--" + n.replace("_", "-") for n in fixed))
         # a checkpoint of a resumed run saved that run's --resume: it is not this command's
         args = argparse.Namespace(**{**vars(args), **state["args"], "resume": None, **given})
-    args.command = shlex.join(["python", "muzero_nce.py", *argv])
+    args.command = shlex.join(["python", PROG, *argv])
     if args.lr is None:  # SGD's 0.2 would blow Adam up
         args.lr = 0.2 if args.optimizer == "sgd" else 3e-4
     check_args(args)
@@ -1138,6 +1141,9 @@ class Targets(NamedTuple):
     policy_mask: Tensor     # [B, K+1]
     nce_mask: Tensor        # [B, K]   the real observation at t+k exists (same episode)
     actions: Tensor         # [B, K]
+    # where each z_k bootstraps (muzero_nce.py reads only z; q_learning.py's C51 needs the row)
+    bootstrap_row: Tensor = None       # [B, K+1] the row (0: t) whose value z_k bootstraps from, t+k+h
+    bootstrap_discount: Tensor = None  # [B, K+1] discount^h where z_k bootstraps, else 0
 
 
 def td_steps_by_age(args, time, steps):
@@ -1185,7 +1191,8 @@ def n_step_targets(seq, values, unroll_steps, td_steps, discount, stack):
         reward=rewards[:, 1:K + 1] * (k1 <= end), reward_mask=((k1 <= end) | ends_terminal).float(),
         policy=seq.policy[:, o:o + K + 1],
         policy_mask=((k < end) | ((k == end) & ~ends_terminal)).float(),
-        nce_mask=(k1 <= end).float(), actions=seq.action[:, o:o + K])
+        nce_mask=(k1 <= end).float(), actions=seq.action[:, o:o + K],
+        bootstrap_row=k + horizon, bootstrap_discount=torch.where(bootstraps, discount ** horizon.float(), 0.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1950,12 +1957,12 @@ def report_failure(shared, failed):
     while not shared.errors.empty():
         reports.append(shared.errors.get())
     for name, trace in reports:
-        print(f"muzero_nce.py: error in {name}:\n{trace}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error in {name}:\n{trace}", file=sys.stderr, flush=True)
     reported = {name for name, _ in reports}
     for p in failed:
         if p.name not in reported:
             how = f"killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
-            print(f"muzero_nce.py: error: {p.name} died ({how}); stopping the run", file=sys.stderr, flush=True)
+            print(f"{PROG}: error: {p.name} died ({how}); stopping the run", file=sys.stderr, flush=True)
 
 
 def shutdown(processes, grace=5.0):

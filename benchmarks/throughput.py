@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py search     # pUCT and Gumbel search (and mctx's, if installed) on a
                                                # lookup-table model, then pUCT on the real network
+    python benchmarks/throughput.py qsearch    # q_learning.py's Q search beside pUCT search, same table model
     python benchmarks/throughput.py actor      # actor env steps/s: ms_pacman, 64 envs, default network, 50 sims
     python benchmarks/throughput.py learner    # trainer updates/s: default network and batch (200 x 5 unroll steps)
     python benchmarks/throughput.py update     # one training update and one actor step at the defaults, split by part
@@ -25,6 +26,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import muzero_nce  # noqa: E402  (first: it sets OpenMP's wait policy before torch loads OpenMP)
+import q_learning  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -87,16 +89,23 @@ def mctx_timer(tables, roots, sims, gumbel):
     return lambda: policy(key).block_until_ready()
 
 
+def table_model(device, S=4096, A=9):
+    """A random lookup-table model of S states and A actions: the next-state, reward, value and
+    logits tables (q_search reads the logits table as the Q head), and the rng that drew them."""
+    rng = np.random.default_rng(0)
+    nxt = torch.as_tensor(rng.integers(0, S, (S, A)), device=device)
+    rew, val, logit = (torch.as_tensor(rng.normal(0, 1, shape).astype(np.float32), device=device)
+                       for shape in ((S, A), S, (S, A)))
+    return rng, nxt, rew, val, logit
+
+
 def bench_search(device, repeats, sync):
     """Simulations per second of muzero_nce's pUCT `search` and `gumbel_search` on a lookup-table
     model (the searches' own cost; with mctx installed, mctx's muzero_policy and
     gumbel_muzero_policy on the same work beside them), then of pUCT on the default network
     (B trees of ms_pacman-sized latents)."""
-    S, A = 4096, 9
-    rng = np.random.default_rng(0)
-    nxt = torch.as_tensor(rng.integers(0, S, (S, A)), device=device)
-    rew, val, logit = (torch.as_tensor(rng.normal(0, 1, shape).astype(np.float32), device=device)
-                       for shape in ((S, A), S, (S, A)))
+    S = 4096
+    rng, nxt, rew, val, logit = table_model(device, S)
     generator = muzero_nce.make_generator(device, 0)
 
     def table(emb, action):
@@ -135,6 +144,44 @@ def make_actor(device, num_envs=64, sims=50):
     buffer = muzero_nce.ReplayBuffer(args.buffer_size, num_envs, frame_shape, num_actions, stack, args.jumps,
                                      args.td_steps)
     return muzero_nce.Actor(envs, buffer, args, device, muzero_nce.make_generator(device, 0), 0), net
+
+
+def bench_qsearch(device, repeats, sync):
+    """Simulations per second of q_learning.q_search (UCB1 over Q-vector nodes) beside
+    muzero_nce.search (pUCT) on the same lookup-table model, whose logits table serves as the Q
+    head. The two are timed in turns, so a busy machine slows both alike; the ratio is the
+    figure to compare across machines."""
+    S = 4096
+    rng, nxt, rew, val, logit = table_model(device, S)
+
+    def table(emb, action):
+        n = nxt[emb, action]
+        return rew[emb, action], val[n], logit[n], n
+
+    def q_table(emb, action):
+        n = nxt[emb, action]
+        return rew[emb, action], logit[n], n
+
+    print(f"{'B':>5} {'sims':>5} {'search sims/s':>14} {'q_search sims/s':>16} {'ratio':>6}")
+    for B in (16, 64, 256):
+        for sims in (16, 50):
+            roots = torch.as_tensor(rng.integers(0, S, B), device=device)
+            runs = {"search": lambda: muzero_nce.search(logit[roots], val[roots], roots, table, sims,
+                                                        dirichlet_fraction=0.0),
+                    "q_search": lambda: q_learning.q_search(logit[roots], roots, q_table, sims)}
+            times = {name: [] for name in runs}
+            for run in runs.values():  # warm-up
+                run()
+            for _ in range(repeats):
+                for name, run in runs.items():
+                    sync()
+                    start = time.perf_counter()
+                    run()
+                    sync()
+                    times[name].append(time.perf_counter() - start)
+            rate = {name: B * sims / statistics.median(t) for name, t in times.items()}
+            print(f"{B:>5} {sims:>5} {rate['search']:>14,.0f} {rate['q_search']:>16,.0f} "
+                  f"{rate['q_search'] / rate['search']:>6.2f}")
 
 
 def bench_actor(device, repeats, sync, num_envs=64, sims=50):
@@ -331,7 +378,7 @@ def bench_layout(device, repeats, sync, devices=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["search", "actor", "learner", "update", "busy", "layout"])
+    parser.add_argument("part", choices=["search", "qsearch", "actor", "learner", "update", "busy", "layout"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--devices", default=None, help="layout: the --devices list of the layout run")
@@ -342,8 +389,8 @@ def main():
     if args.part == "layout":
         bench_layout(device, args.repeats, sync, args.devices)
     else:
-        {"search": bench_search, "actor": bench_actor, "learner": bench_learner, "update": bench_update,
-         "busy": bench_busy}[args.part](device, args.repeats, sync)
+        {"search": bench_search, "qsearch": bench_qsearch, "actor": bench_actor, "learner": bench_learner,
+         "update": bench_update, "busy": bench_busy}[args.part](device, args.repeats, sync)
 
 
 if __name__ == "__main__":

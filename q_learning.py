@@ -1,0 +1,2292 @@
+"""Q-learning for Atari in one file: pure, with a search over a learned model, and C51.
+
+    python q_learning.py --game ms_pacman                                 # Q-learning with search
+    python q_learning.py --game ms_pacman --num-simulations 0 --jumps 0   # pure n-step double Q-learning
+    python q_learning.py --game ms_pacman --distributional                # C51 (with search)
+    python q_learning.py --evaluate runs/<run>/checkpoint.pt --capture-video   # score and watch it
+    python -m pytest -q test_smoke.py                                     # tests
+
+Data flow (Mnih et al. 2015, DQN; van Hasselt et al. 2016, double Q-learning; Bellemare et al.
+2017, C51; the learned model of Schrittwieser et al. 2020, MuZero; Oord et al. 2018, InfoNCE):
+
+    envs --obs--> actor: initial_inference (Q head) + batched UCB1 search (q_search) --epsilon-greedy--> envs
+                    |  frame, reward, max root Q, the network's max Q
+                    v
+    replay buffer (tensors) <--fresh values-- reanalyze (search with recent weights)
+                    |  sequences of --jumps steps (+ n-step horizon), prioritised
+                    v
+    trainer: unroll dynamics K steps; Q cross-entropy against n-step double-Q (or C51) targets
+             from the target network, + reward cross-entropy + InfoNCE
+                    |  weights, every --publish-interval updates
+                    v
+    actor and reanalyze
+
+This is muzero_nce.py with the algorithm swapped: the same sections, and the same text wherever
+the two do the same thing (a test compares them), so `diff muzero_nce.py q_learning.py` shows
+the algorithm. `--num-trainers 0` runs acting, reanalyze and training in turn in one process
+(the reading path, deterministic under --seed on CPU); otherwise each part is a process (section 9).
+"""
+import argparse
+import copy
+import datetime
+import difflib
+import gc
+import json
+import math
+import os
+import pickle
+import random
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+# OpenMP's threads spin while they wait for work. The search runs thousands of tiny ops, and when
+# another process holds a core (a second run, any busy job) a spinning thread keeps its partner
+# waiting a whole scheduler slice: the search ran 20-50x slower. Passive threads sleep instead.
+# Set before torch loads OpenMP; OMP_WAIT_POLICY in the environment still wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Arguments
+# ---------------------------------------------------------------------------------------------
+PROG = os.path.basename(__file__)  # the script's name, as its one-line errors give it
+
+
+def fail(message):
+    """Bad input ends the run with one line naming the value and what would be valid."""
+    sys.exit(f"{PROG}: error: {message}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints the whole usage block on a bad value; a user wants the one line."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def build_parser():
+    p = OneLineParser(prog=PROG, description="Q-learning on Atari: pure, with search over a learned model, or C51 "
+                                            "(defaults: EfficientZero's Atari-100k recipe, the original's Q search).")
+    g = p.add_argument_group("environment")
+    g.add_argument("--game", default="ms_pacman", help="ALE ROM id in snake_case, e.g. ms_pacman, breakout")
+    g.add_argument("--grayscale", action="store_true", help="one channel per frame instead of RGB")
+    g.add_argument("--num-envs", type=positive_int, default=64, help="parallel training envs, searched as one batch")
+    g.add_argument("--sticky-actions", type=fraction, default=0.0,
+                   help="probability of repeating the previous action (0: the Atari-100k protocol)")
+    g.add_argument("--noop-max", type=non_negative_int, default=30, help="up to this many no-ops at reset")
+    g.add_argument("--max-episode-frames", type=positive_int, default=108_000,
+                   help="evaluation episode cap in frames (30 min: whole games)")
+    g.add_argument("--train-episode-frames", type=positive_int, default=12_000,
+                   help="training episode cap in frames (EfficientZero: 12,000); a cut episode still bootstraps")
+    g.add_argument("--episodic-life", action=argparse.BooleanOptionalAction, default=True,
+                   help="a lost life ends the training episode for the value targets; the game goes on "
+                        "(EfficientZero; evaluation always plays whole games)")
+    g.add_argument("--clip-rewards", action=argparse.BooleanOptionalAction, default=True,
+                   help="train on the sign of each reward (EfficientZero); returns are reported unclipped")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=1, help="seeds torch, the envs and every sampler")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when there is one)")
+    g.add_argument("--total-env-steps", type=positive_int, default=100_000,
+                   help="agent steps (x4 frames) over all envs; 100k is the Atari-100k budget")
+    g.add_argument("--learning-starts", type=non_negative_int, default=2_000,
+                   help="env steps collected before training")
+    g.add_argument("--train-steps-per-env-step", type=non_negative_float, default=1.0,
+                   help="replay ratio: updates (batches of --batch-size-per-worker sequences) per env step, held "
+                        "fixed whatever the hardware; W DDP trainers make one optimiser step of W batches per W updates")
+    g.add_argument("--eval-interval", type=non_negative_int, default=20_000,
+                   help="env steps between evaluations (0: only at the end)")
+    g.add_argument("--eval-episodes", type=positive_int, default=32, help="episodes per evaluation, played in parallel")
+    g.add_argument("--log-interval", type=positive_int, default=5_000, help="env steps between progress lines")
+    g.add_argument("--checkpoint-interval", type=positive_int, default=20_000, help="env steps between checkpoints")
+    g.add_argument("--keep-checkpoints", action="store_true",
+                   help="also keep each periodic checkpoint as checkpoint_<env steps>.pt")
+    g.add_argument("--run-dir", default=None,
+                   help="where tensorboard events and checkpoints go (default runs/<game>__<seed>__<time>)")
+    checkpoint = g.add_mutually_exclusive_group()
+    checkpoint.add_argument("--resume", default=None, metavar="PATH",
+                            help="continue from a checkpoint; flags given again on the command line override the "
+                                 "saved ones")
+    checkpoint.add_argument("--evaluate", default=None, metavar="PATH",
+                            help="score a checkpoint's final weights with its own evaluation settings (flags given "
+                                 "again override them, e.g. --eval-episodes, --device): prints the mean, std, min and "
+                                 "max return and writes them to <checkpoint>_eval.json beside it")
+    g.add_argument("--capture-video", action=argparse.BooleanOptionalAction, default=False,
+                   help="record the first episode of each evaluation as the agent sees it (the newest 96x96 frame "
+                        "of each stack, at 15 steps/s: real time) to <run dir>/videos/eval_<env steps>.mp4 (with "
+                        "--evaluate: <checkpoint dir>/evaluate/videos/) and, as an animated GIF, to tensorboard "
+                        "(eval/video); needs imageio and imageio-ffmpeg")
+    g.add_argument("--save-buffer", action="store_true",
+                   help="also store the replay buffer, env and RNG states in checkpoints, so a resumed CPU run repeats exactly")
+    g = p.add_argument_group("search and acting")
+    g.add_argument("--num-simulations", type=non_negative_int, default=10,
+                   help="simulations of the Q search per move when acting and reanalysing (0: pure Q-learning, "
+                        "epsilon-greedy on the Q head)")
+    g.add_argument("--eval-simulations", type=non_negative_int, default=25, help="simulations per move when evaluating")
+    g.add_argument("--c1", type=non_negative_float, default=0.25,
+                   help="UCB1 exploration constant: argmax Qnorm(s,a) + c1 sqrt(ln N(s) / N(s,a))")
+    g.add_argument("--discount", type=fraction, default=0.997 ** 4,
+                   help="discount per agent step (EfficientZero: 0.997 per frame, so 0.997^4 for 4 frames)")
+    g.add_argument("--min-q-span", type=non_negative_float, default=0.01,
+                   help="floor on the span of the Q search's whole-tree min-max Q normalisation (EfficientZero's "
+                        "value_delta_max): tiny differences between Q values are not blown up to [0, 1]")
+    g.add_argument("--epsilon", type=fraction, default=0.01,
+                   help="acting: with this probability a uniformly random action, else argmax of the root's Q. "
+                        "Schedule: --epsilon from the first step (the original), or with --epsilon-decay-steps "
+                        "a linear fall from 1")
+    g.add_argument("--epsilon-decay-steps", type=non_negative_int, default=0,
+                   help="env steps over which epsilon falls linearly from 1 to --epsilon (0: no decay)")
+    g.add_argument("--eval-epsilon", type=fraction, default=0.001, help="epsilon when evaluating")
+    g = p.add_argument_group("replay and targets")
+    g.add_argument("--buffer-size", type=positive_int, default=100_000, help="env steps kept (each frame stored once)")
+    g.add_argument("--jumps", type=non_negative_int, default=5, help="unroll steps K of the dynamics in training")
+    g.add_argument("--td-steps", type=positive_int, default=5, help="n of the n-step value target")
+    g.add_argument("--auto-td-steps-ratio", type=non_negative_float, default=0.3,
+                   help="off-policy correction (EfficientZero): n shrinks by 1 for every ratio x --total-env-steps "
+                        "env steps of a sample's age, down to 1 (0: off)")
+    g.add_argument("--priority-alpha", type=non_negative_float, default=0.6, help="prioritised replay exponent")
+    g.add_argument("--priority-beta", type=fraction, default=0.4, help="importance-weight exponent, annealed to 1")
+    g.add_argument("--search-value-targets", action=argparse.BooleanOptionalAction, default=False,
+                   help="bootstrap from the max root Q that the search stored when acting or reanalysing")
+    g.add_argument("--local-target-net", action=argparse.BooleanOptionalAction, default=None,
+                   help="each trainer bootstraps with its own target network (the default without "
+                        "--search-value-targets; --no-local-target-net: from the max Q stored by acting and reanalyze)")
+    g.add_argument("--double-q", action=argparse.BooleanOptionalAction, default=True,
+                   help="the target network values the online network's greedy action (--no-double-q: its own, "
+                        "the original's max)")
+    g.add_argument("--target-update-interval", type=positive_int, default=200,
+                   help="updates between target-network refreshes")
+    g.add_argument("--reanalyze-fraction", type=fraction, default=0.0,
+                   help="fraction of trained sequences whose stored values are refreshed by a new search "
+                        "(matters with --search-value-targets or --no-local-target-net; the process layout "
+                        "needs --reanalyze-workers for it)")
+    g = p.add_argument_group("losses and optimiser")
+    g.add_argument("--batch-size-per-worker", type=positive_int, default=200,
+                   help="sequences per update; each trainer samples its own batch and DDP averages the W batches' "
+                        "gradients in one step, which counts as W updates")
+    g.add_argument("--policy-loss-weight", type=non_negative_float, default=0.0,
+                   help="the Q network has no policy head: only 0 (accepted so that the original's commands run)")
+    g.add_argument("--value-loss-weight", type=non_negative_float, default=1.0,
+                   help="weight of the Q cross-entropy")
+    g.add_argument("--reward-loss-weight", type=non_negative_float, default=1.0,
+                   help="weight of the reward cross-entropy")
+    g.add_argument("--nce", action=argparse.BooleanOptionalAction, default=True,
+                   help="InfoNCE world-model loss (--no-nce: off)")
+    g.add_argument("--nce-weight", type=non_negative_float, default=1.0, help="weight of the InfoNCE loss")
+    g.add_argument("--nce-temperature", type=positive_float, default=0.1, help="temperature of the InfoNCE logits")
+    g.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                   help="sgd with momentum (EfficientZero) or adamw (the original)")
+    g.add_argument("--lr", type=positive_float, default=None,
+                   help="peak learning rate (default: 0.2 with sgd, as EfficientZero; 3e-4 with adam, as the original)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random shift (up to 4 pixels) and intensity augmentation of the observations the "
+                        "learner sees, NCE targets included (EfficientZero)")
+    g.add_argument("--lr-warmup-steps", type=non_negative_int, default=1_000, help="linear warm-up updates")
+    g.add_argument("--lr-decay-steps", type=positive_int, default=100_000,
+                   help="updates per step decay of the learning rate")
+    g.add_argument("--lr-decay-rate", type=fraction, default=0.1, help="factor of each learning-rate decay")
+    g.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="L2 weight decay")
+    g.add_argument("--max-grad-norm", type=positive_float, default=5.0, help="gradient clipping norm")
+    g = p.add_argument_group("C51")
+    g.add_argument("--distributional", action="store_true",
+                   help="C51: Q as a distribution on --num-atoms fixed atoms, rewards clipped to [-1, 1] in training")
+    g.add_argument("--num-atoms", type=positive_int, default=51, help="C51 atoms")
+    g.add_argument("--v-min", type=float, default=-10.0, help="C51 lowest atom")
+    g.add_argument("--v-max", type=float, default=10.0, help="C51 highest atom")
+    g = p.add_argument_group("network")
+    g.add_argument("--channels", type=positive_int, default=64, help="channels of the latent state")
+    g.add_argument("--blocks", type=positive_int, default=1,
+                   help="residual blocks in each of representation, dynamics, prediction")
+    g.add_argument("--reduced-channels", type=positive_int, default=16, help="1x1-conv channels before each head's MLP")
+    g.add_argument("--head-hidden", type=positive_int, default=32,
+                   help="hidden units of the Q and reward MLPs")
+    g.add_argument("--support-size", type=positive_int, default=300,
+                   help="Q (without --distributional) and reward are categorical on [-n, n] in h-space")
+    g.add_argument("--proj-hidden", type=positive_int, default=1024, help="hidden units of the NCE projection")
+    g.add_argument("--proj-dim", type=positive_int, default=1024, help="output size of the NCE projection")
+    g.add_argument("--pred-hidden", type=positive_int, default=512,
+                   help="hidden units of the NCE prediction head (online side)")
+    g = p.add_argument_group("processes (section 9)")
+    g.add_argument("--num-gpus", type=non_negative_int, default=None, help="GPUs to use (default: all visible)")
+    g.add_argument("--num-trainers", type=non_negative_int, default=None,
+                   help="trainer processes in one DDP group (0: act, reanalyze and train in one process; "
+                        "default: one per GPU after GPU 0, one with a single GPU, 0 without GPUs)")
+    g.add_argument("--gpu-0-train", dest="gpu_0_train", action="store_true", help="also put a trainer on GPU 0")
+    g.add_argument("--no-gpu-0-train", dest="gpu_0_train", action="store_false",
+                   help="GPU 0 only acts, searches and reanalyses (the default with more than one GPU)")
+    g.add_argument("--reanalyze-workers", type=non_negative_int, default=0,
+                   help="reanalyze processes on GPU 0 (none by default: without --reanalyze-fraction they idle)")
+    g.add_argument("--publish-interval", type=positive_int, default=100,
+                   help="updates between weights sent to actor and reanalyze")
+    g.add_argument("--devices", default=None,
+                   help="comma list overriding placement: actor, reanalyze workers, trainers in order (e.g. cpu,cpu,cpu,cpu)")
+    g.add_argument("--fault-after", type=int, default=None,
+                   help=argparse.SUPPRESS)  # tests: a trainer raises after N updates
+    p.set_defaults(gpu_0_train=None)
+    return p
+
+
+# What a checkpoint's tensors are shaped by: these flags cannot change when a run resumes.
+FIXED_ON_RESUME = ("game", "grayscale", "channels", "blocks", "reduced_channels", "head_hidden", "support_size",
+                   "proj_hidden", "proj_dim", "pred_hidden", "nce", "optimizer", "distributional", "num_atoms")
+FIXED_WITH_BUFFER = ("num_envs", "buffer_size")  # also fixed when the checkpoint holds the buffer
+
+
+def parse_args(argv=None):
+    """Parse flags; with --resume or --evaluate the checkpoint's flags come back, overridden by
+    those given now (flags added since the checkpoint was written take their defaults).
+    args.command keeps the command line, so that a run's tensorboard and checkpoint say how
+    it was started."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    path = args.resume or args.evaluate
+    if path:
+        flag = "--resume" if args.resume else "--evaluate"
+        state = load_checkpoint(path, flag)
+        parser = build_parser()
+        for action in parser._actions:  # parse again, keeping only the flags actually given
+            action.default = argparse.SUPPRESS
+        given = vars(parser.parse_args(argv))
+        fixed = FIXED_ON_RESUME + (FIXED_WITH_BUFFER if args.resume and "buffer" in state else ())
+        for name in fixed:
+            if name in given and given[name] != state["args"].get(name):
+                name_flag = "--" + name.replace("_", "-")
+                fail(f"{flag} {path}: saved with {name_flag}={state['args'].get(name)}, which cannot change "
+                     f"{'on resume' if args.resume else 'to evaluate it'} (given {name_flag}={given[name]}); these "
+                     f"are fixed: " + ", ".join("--" + n.replace("_", "-") for n in fixed))
+        # a checkpoint of a resumed run saved that run's --resume: it is not this command's
+        args = argparse.Namespace(**{**vars(args), **state["args"], "resume": None, **given})
+    args.command = shlex.join(["python", PROG, *argv])
+    if args.lr is None:  # SGD's 0.2 would blow Adam up
+        args.lr = 0.2 if args.optimizer == "sgd" else 3e-4
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    if args.local_target_net is None:  # the trainer's target network, unless the search's values are asked for
+        args.local_target_net = not args.search_value_targets
+    if args.local_target_net and args.search_value_targets:
+        fail("--local-target-net computes bootstrap values on the trainer; it needs --no-search-value-targets")
+    if args.distributional and not args.local_target_net:
+        fail("--distributional bootstraps from the target network's distributions; it needs --local-target-net "
+             "(the default without --search-value-targets)")
+    if args.policy_loss_weight != 0:
+        fail(f"--policy-loss-weight {args.policy_loss_weight}: the Q network has no policy head; only 0 is valid")
+    if args.distributional and (args.num_atoms < 2 or not args.v_min < args.v_max):
+        fail(f"--num-atoms {args.num_atoms} --v-min {args.v_min} --v-max {args.v_max}: C51 needs at least 2 atoms "
+             f"and --v-min < --v-max")
+    if args.batch_size_per_worker > args.buffer_size:
+        fail(f"--batch-size-per-worker {args.batch_size_per_worker} is larger than --buffer-size {args.buffer_size}")
+    rows = args.buffer_size // args.num_envs
+    needed = args.jumps + args.td_steps + 4
+    if rows <= needed:
+        fail(f"--buffer-size {args.buffer_size} holds {rows} steps per env; sequences need more than {needed} "
+             f"(--jumps + --td-steps + 4 stacked frames): raise --buffer-size or lower --num-envs")
+    if args.learning_starts // args.num_envs <= needed:
+        fail(f"--learning-starts {args.learning_starts} gives {args.learning_starts // args.num_envs} steps per env; "
+             f"sampling whole sequences needs more than {needed}")
+    if args.capture_video:
+        video_library()  # a missing library fails now, not at the first evaluation
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Utilities
+# ---------------------------------------------------------------------------------------------
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name} but torch sees no CUDA device (use cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {name} but this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+H_EPS = 0.001  # MuZero's h keeps a small linear term so that h is invertible everywhere
+
+
+def h(x):
+    """MuZero's value transform h(x) = sign(x)(sqrt(|x| + 1) - 1) + eps x: squashes returns of
+    very different scales into a range a fixed categorical support can cover."""
+    return torch.sign(x) * (torch.sqrt(torch.abs(x) + 1) - 1) + H_EPS * x
+
+
+def h_inverse(y):
+    """Exact inverse of h (solve the quadratic in sqrt(|x| + 1))."""
+    root = (torch.sqrt(1 + 4 * H_EPS * (torch.abs(y) + 1 + H_EPS)) - 1) / (2 * H_EPS)
+    return torch.sign(y) * (root ** 2 - 1)
+
+
+def scalar_to_support(x, support_size):
+    """Scalars [...] -> two-hot distributions [..., 2n+1] over the integers -n..n of h(x)."""
+    finite = torch.isfinite(x)
+    y = h(torch.where(finite, x, 0.0)).clamp(-support_size, support_size)
+    low = y.floor()
+    upper_weight = y - low
+    probs = x.new_zeros(x.shape + (2 * support_size + 1,))
+    index = (low + support_size).long()
+    probs.scatter_(-1, index[..., None], (1 - upper_weight)[..., None])
+    # y = n lands on the last atom with upper_weight 0; clamp keeps its (zero) neighbour in range
+    probs.scatter_add_(-1, (index + 1).clamp(max=2 * support_size)[..., None], upper_weight[..., None])
+    # a NaN or infinite target becomes a NaN distribution, so the loss check names it
+    return torch.where(finite[..., None], probs, math.nan)
+
+
+def support_to_scalar(logits, support_size):
+    """Categorical logits [..., 2n+1] -> scalars [...]: the expectation in h-space, then h^-1.
+    Both in float64: in float32 the sum over 601 atoms and the cancellation inside h^-1 each
+    leave errors of ~1e-5, enough to give a value near 0 the wrong sign."""
+    atoms = torch.arange(-support_size, support_size + 1, device=logits.device, dtype=torch.float64)
+    return h_inverse((torch.softmax(logits.float(), -1).double() * atoms).sum(-1)).float()
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash mid-write leaves the last good one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+CHECKPOINT_KEYS = ("args", "net", "target", "optimizer", "updates", "acting", "counters")
+
+
+def load_checkpoint(path, flag="--resume"):
+    """The checkpoint dict at `path`, or a one-line error saying what is wrong with the file
+    (naming the `flag` that gave it)."""
+    if not os.path.isfile(path):
+        fail(f"{flag} {path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated, or not a torch file at all
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        fail(f"{flag} {path}: cannot read the checkpoint (truncated or not a checkpoint: {reason})")
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        fail(f"{flag} {path}: not a checkpoint of this script (no {', '.join(missing)})")
+    return state
+
+
+def learning_rate(args, update):
+    """EfficientZero's schedule: linear warm-up, then a step decay every --lr-decay-steps."""
+    if update < args.lr_warmup_steps:
+        return args.lr * (update + 1) / args.lr_warmup_steps
+    return args.lr * args.lr_decay_rate ** (update // args.lr_decay_steps)
+
+
+def epsilon_schedule(args, env_steps):
+    """The actor's epsilon after `env_steps`: linear from 1 to --epsilon over the first
+    --epsilon-decay-steps, then --epsilon (from the start with 0 steps, as the original)."""
+    if env_steps >= args.epsilon_decay_steps:
+        return args.epsilon
+    return 1 + (args.epsilon - 1) * env_steps / args.epsilon_decay_steps
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Environment
+# ---------------------------------------------------------------------------------------------
+# The env contract, met by ALE's C++ AtariVectorEnv and by any gymnasium vector env a test
+# passes as env_fn(num_envs): reset(seed=s) seeds env i with s + i; observations uint8
+# [E, stack, H, W] or [E, stack, H, W, C] (oldest frame first, frames before the episode start
+# all zero); Discrete actions; and
+# NEXT_STEP autoreset: the step after a terminal or truncated observation resets that env and
+# returns its first observation with reward 0.
+
+def check_game(game):
+    from ale_py import roms
+    games = roms.get_all_rom_ids()
+    if game not in games:
+        close = difflib.get_close_matches(game.lower().replace("-", "_"), games, n=4, cutoff=0.5)
+        hint = (f"closest: {', '.join(close)}" if close
+                else f"valid names are snake_case ROM ids such as {', '.join(games[:4])}")
+        fail(f"unknown game '{game}'; {hint}")
+
+
+def make_atari_env_fn(args, evaluation=False):
+    """96x96 frames, 4 stacked, frameskip 4 with max-pool, up to --noop-max no-ops, raw rewards
+    (the actor clips what it stores, so returns stay real). Training episodes are capped at
+    --train-episode-frames, evaluation plays whole games (--max-episode-frames). The env never
+    ends an episode at a lost life: with --episodic-life the actor marks it from info["lives"],
+    while the game goes on (ALE's own episodic_life would restart the whole game)."""
+    check_game(args.game)
+    cap = args.max_episode_frames if evaluation else args.train_episode_frames
+
+    def env_fn(num_envs):
+        from ale_py.vector_env import AtariVectorEnv
+        return AtariVectorEnv(
+            args.game, num_envs, img_height=96, img_width=96, grayscale=args.grayscale, stack_num=4,
+            frameskip=4, maxpool=True, noop_max=args.noop_max, repeat_action_probability=args.sticky_actions,
+            max_num_frames_per_episode=cap, reward_clipping=False, episodic_life=False,
+            use_fire_reset=False, autoreset_mode="NextStep", num_threads=min(num_envs, os.cpu_count() or 1))
+    return env_fn
+
+
+def observation_tensor(obs):
+    """Env observations [E, S, H, W(, C)] -> network input [E, S*C, H, W], still uint8."""
+    obs = torch.from_numpy(np.ascontiguousarray(obs))
+    if obs.dim() == 5:
+        obs = obs.permute(0, 1, 4, 2, 3)
+    return obs.reshape(obs.shape[0], -1, obs.shape[-2], obs.shape[-1])
+
+
+def probe_env_spec(env_fn):
+    """env_spec of one env made by env_fn, for those who need the shapes before their envs."""
+    envs = env_fn(1)
+    spec = env_spec(envs)
+    envs.close()
+    return spec
+
+
+def env_spec(envs):
+    """Frame shape [C, H, W], stack depth and action count of a vector env (the contract above)."""
+    space, actions = envs.single_observation_space, envs.single_action_space
+    if space.dtype != np.uint8 or len(space.shape) not in (3, 4) or not hasattr(actions, "n"):
+        fail(f"the env gives {space.dtype} observations of shape {space.shape} and "
+                 f"{type(actions).__name__} actions; it needs uint8 [stack, H, W] or [stack, H, W, C] and Discrete")
+    shape = space.shape
+    stack, (height, width), colours = shape[0], shape[1:3], (shape[3] if len(shape) == 4 else 1)
+    return (colours, height, width), stack, int(actions.n)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Networks (EfficientZero's Atari sizes by default)
+# ---------------------------------------------------------------------------------------------
+def conv3x3(c_in, c_out, stride=1):
+    return nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, c_in, c_out=None, stride=1):
+        super().__init__()
+        c_out = c_out or c_in
+        self.conv1, self.bn1 = conv3x3(c_in, c_out, stride), nn.BatchNorm2d(c_out)
+        self.conv2, self.bn2 = conv3x3(c_out, c_out), nn.BatchNorm2d(c_out)
+        self.skip = conv3x3(c_in, c_out, stride) if (stride, c_in) != (1, c_out) else nn.Identity()
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.skip(x))
+
+
+def scale_hidden(x):
+    """Min-max normalise each latent to [0, 1] (MuZero Atari): keeps the dynamics' inputs on
+    the scale of the representation's however many steps it is unrolled."""
+    flat = x.flatten(1)
+    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - low) / (high - low).clamp_min(1e-5)).view_as(x)
+
+
+def mlp(sizes, zero_last=False):
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers += [nn.BatchNorm1d(b), nn.ReLU()]
+    if zero_last:  # EfficientZero's init_zero: values and rewards start at 0, the prior uniform
+        nn.init.zeros_(layers[-1].weight)
+        nn.init.zeros_(layers[-1].bias)
+    return nn.Sequential(*layers)
+
+
+class Head(nn.Module):
+    """1x1 conv to a few channels, then an MLP: latent [B, C, h, w] -> [B, out]."""
+
+    def __init__(self, channels, reduced, latent_hw, hidden, out, zero_last=False):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(channels, reduced, 1), nn.BatchNorm2d(reduced), nn.ReLU())
+        self.mlp = mlp([reduced * latent_hw[0] * latent_hw[1], hidden, out], zero_last)
+
+    def forward(self, x):
+        return self.mlp(self.reduce(x).flatten(1))
+
+
+class Representation(nn.Module):
+    """Stacked frames [B, S*C, H, W] uint8 -> latent [B, channels, h, w] in [0, 1]. Atari-size
+    frames pass MuZero's downsampling tower (96 -> 48 -> 24 -> 12 -> 6); small ones keep their size."""
+
+    def __init__(self, in_channels, channels, blocks, downsample):
+        super().__init__()
+        if downsample:
+            half = channels // 2
+            layers = [conv3x3(in_channels, half, 2), nn.BatchNorm2d(half), nn.ReLU(), ResidualBlock(half),
+                      ResidualBlock(half, channels, 2), ResidualBlock(channels), nn.AvgPool2d(3, 2, 1),
+                      ResidualBlock(channels), nn.AvgPool2d(3, 2, 1)]
+        else:
+            layers = [conv3x3(in_channels, channels), nn.BatchNorm2d(channels), nn.ReLU()]
+        self.net = nn.Sequential(*layers, *[ResidualBlock(channels) for _ in range(blocks)])
+
+    def forward(self, obs):
+        return scale_hidden(self.net(obs.float() / 255))
+
+
+class Dynamics(nn.Module):
+    """(latent, action) -> (next latent, reward logits); the action enters as one-hot planes."""
+
+    def __init__(self, channels, num_actions, blocks, reduced, hidden, support, latent_hw):
+        super().__init__()
+        self.num_actions = num_actions
+        self.conv, self.bn = conv3x3(channels + num_actions, channels), nn.BatchNorm2d(channels)
+        self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(blocks)])
+        self.reward = Head(channels, reduced, latent_hw, hidden, 2 * support + 1, zero_last=True)
+
+    def forward(self, latent, action):
+        B, _, height, width = latent.shape
+        planes = F.one_hot(action, self.num_actions).to(latent.dtype)[:, :, None, None].expand(B, -1, height, width)
+        x = F.relu(self.bn(self.conv(torch.cat([latent, planes], 1))) + latent)
+        x = self.blocks(x)
+        return scale_hidden(x), self.reward(x)
+
+
+class QPrediction(nn.Module):
+    """latent -> Q logits [B, A, M]: for every action a categorical distribution over M atoms.
+    The policy and value heads of MuZero's prediction are replaced by this one Q head."""
+
+    def __init__(self, channels, num_actions, blocks, reduced, hidden, atoms, latent_hw):
+        super().__init__()
+        self.num_actions = num_actions
+        self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(blocks)])
+        # zero last layer: uniform distributions, so every Q starts at the support's middle (0)
+        self.q = Head(channels, reduced, latent_hw, hidden, num_actions * atoms, zero_last=True)
+
+    def forward(self, latent):
+        return self.q(self.blocks(latent)).view(latent.shape[0], self.num_actions, -1)
+
+
+def scale_gradient(x, scale):
+    """Identity forward; multiplies the gradient by `scale` backward (MuZero's 1/2 on the
+    latent entering the dynamics, so the recurrent gradient does not grow with K)."""
+    return x * scale + x.detach() * (1 - scale)
+
+
+class QNet(nn.Module):
+    """MuZeroNet's representation and dynamics (with its reward head) and a Q head. Q is the
+    expectation of each action's distribution: decoded from h-space on MuZero's 2n+1 integer
+    atoms, or on --num-atoms atoms evenly spaced on [--v-min, --v-max] with --distributional (C51)."""
+
+    def __init__(self, frame_shape, stack, num_actions, args):
+        super().__init__()
+        colours, height, width = frame_shape
+        downsample = height >= 64 and width >= 64
+        latent_hw = (math.ceil(height / 16), math.ceil(width / 16)) if downsample else (height, width)
+        c, blocks, sup = args.channels, args.blocks, args.support_size
+        red, hid = args.reduced_channels, args.head_hidden
+        self.num_actions, self.support_size, self.stack = num_actions, sup, stack
+        self.distributional = args.distributional
+        atoms = (torch.linspace(args.v_min, args.v_max, args.num_atoms) if args.distributional
+                 else torch.arange(-sup, sup + 1.0))  # C51's values, or MuZero's integers in h-space
+        self.register_buffer("atoms", atoms, persistent=False)  # derived from the flags: not saved
+        self.representation = Representation(stack * colours, c, blocks, downsample)
+        self.dynamics = Dynamics(c, num_actions, blocks, red, hid, sup, latent_hw)
+        self.prediction = QPrediction(c, num_actions, blocks, red, hid, len(atoms), latent_hw)
+        latent_size = c * latent_hw[0] * latent_hw[1]
+        # NCE heads (EfficientZero's SimSiam sizes): both sides project; only the online side predicts.
+        self.projection = nn.Sequential(
+            nn.Linear(latent_size, args.proj_hidden), nn.BatchNorm1d(args.proj_hidden), nn.ReLU(),
+            nn.Linear(args.proj_hidden, args.proj_hidden), nn.BatchNorm1d(args.proj_hidden), nn.ReLU(),
+            nn.Linear(args.proj_hidden, args.proj_dim), nn.BatchNorm1d(args.proj_dim))
+        self.projection_head = mlp([args.proj_dim, args.pred_hidden, args.proj_dim])
+        if not args.nce:  # no unused parameters (DDP would refuse them)
+            self.projection = self.projection_head = None
+
+    def initial_inference(self, obs):
+        """obs [B, S*C, H, W] uint8 -> latent, Q logits [B, A, M]."""
+        latent = self.representation(obs)
+        return latent, self.prediction(latent)
+
+    def recurrent_inference(self, latent, action):
+        """latent [B, C, h, w], action [B] -> next latent, reward logits [B, 2n+1], Q logits [B, A, M]."""
+        next_latent, reward = self.dynamics(latent, action)
+        return next_latent, reward, self.prediction(next_latent)
+
+    def q_values(self, q_logits):
+        """Q logits [..., M] -> Q [...]: the expectation over the atoms (C51), or decoded from h-space."""
+        if self.distributional:
+            return (torch.softmax(q_logits.float(), -1) * self.atoms).sum(-1)
+        return support_to_scalar(q_logits, self.support_size)
+
+    def project(self, latent, online=True):
+        z = self.projection(latent.flatten(1))
+        return self.projection_head(z) if online else z
+
+    def forward(self, obs, actions, nce=True):
+        """The training unroll: obs [B, S*C, H, W] at step 0, actions [B, K]. Returns Q logits
+        [B, K+1, A, M], reward logits [B, K, 2n+1] and the online NCE predictions [B, K, D]
+        (None without NCE). One forward() for DDP."""
+        B, K = actions.shape
+        latent = self.representation(obs)
+        latents, rewards = [latent], []
+        for k in range(K):
+            latent, reward = self.dynamics(scale_gradient(latent, 0.5), actions[:, k])
+            latents.append(latent), rewards.append(reward)
+        # One prediction call on all K+1 latents: its BatchNorm then normalises every step with
+        # the same statistics, whose running averages are what acting and evaluation use. (One
+        # call per step would leave eval-mode statistics far from those of the root.)
+        q = self.prediction(torch.cat(latents))
+        q = q.view(K + 1, B, *q.shape[1:]).transpose(0, 1)                          # [B, K+1, A, M]
+        rewards = torch.stack(rewards, 1) if K else q.new_zeros(B, 0, 2 * self.support_size + 1)
+        predictions = None
+        if nce and K > 0:
+            predictions = self.project(torch.cat(latents[1:])).view(K, B, -1).transpose(0, 1)
+        return q, rewards, predictions
+
+
+def make_recurrent_fn(net):
+    """Adapts the network to q_search's model interface: (embedding, action) -> (reward, Q of
+    every action [B, A], next embedding), decoded from their supports."""
+    def recurrent_fn(latent, action):
+        next_latent, reward, q_logits = net.recurrent_inference(latent, action)
+        return support_to_scalar(reward, net.support_size), net.q_values(q_logits), next_latent
+    return recurrent_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Search: UCB1 over Q-vector nodes, B trees as tensors searched together (mctx's layout)
+# ---------------------------------------------------------------------------------------------
+# The original's Q-learning with search. There are no priors: every node holds the Q head's
+# vector for all its actions (a node is one dynamics step, then the Q head), and the network's
+# Q(s, a) counts as the first sample of Q(s, a), so every N(s, a) starts at 1 and nothing
+# divides by zero. Node 0 of every tree is the root and node i is made at simulation i, as in
+# muzero_nce.py's search. Each simulation walks down all B trees by UCB1 (q_select, on
+# muzero_nce.py's descend),
+#     argmax_a  Qnorm(s, a) + c1 sqrt(ln N(s) / N(s, a)),   N(s) = sum_a N(s, a),
+# makes one batched recurrent_fn call for the B new leaves (q_expand), values each new leaf by
+# max_a Q, and adds r + discount * G as a further sample of Q(s, a) on every edge of the path,
+# G being the return seen from the edge's child (q_backup): Q(s, a) is the mean of its samples.
+# Qnorm is min-max over every Q the tree holds (q_normaliser: safe when all are equal), the
+# span floored at min_q_span as in muzero_nce.py's search.
+
+class QSearchOutput(NamedTuple):
+    visit_counts: Tensor  # [B, A] simulations through each root action
+    q_values: Tensor      # [B, A] the root's Q after the search (the network's with 0 simulations)
+    policy: Tensor        # [B, A] visit counts normalised (0 simulations: the greedy action); stored, logged
+    root_value: Tensor    # [B]    max_a of the root's Q: the bootstrap of --search-value-targets
+    action: Tensor        # [B]    epsilon-greedy on the root's Q
+    tree: "QTree" = None  # the searched trees, read-only (inference-mode tensors); None with 0 simulations
+
+
+# The statistics of Q(s, a) for the actions of a node, packed along one axis so that one
+# gather fetches a node's whole Q vector: the sum of its samples, their count N(s, a), and the
+# reward of the transition (set when the action is expanded).
+Q_SUM, COUNT, REWARD = range(3)
+
+
+@dataclass
+class QTree:
+    """B trees of N nodes, addressed by flat row b * N + i as in Tree (muzero_nce.py)."""
+    edges: Tensor       # [B, N, 3, A] Q_SUM, COUNT, REWARD of every action of every node
+    children: Tensor    # [B, N, A]    the child's flat row, -1 while the action is unexpanded
+    embedding: Tensor   # [B, N, ...]  the model's latent at each node
+    bounds: Tensor      # [B, 2]       min and max of every Q the tree holds
+
+
+def init_q_tree(root_q, embedding, num_nodes):
+    B, A = root_q.shape
+    edges = root_q.new_zeros(B, num_nodes, 3, A)
+    edges[:, :, COUNT] = 1  # each node's own Q vector is its first sample
+    edges[:, 0, Q_SUM] = root_q
+    children = torch.full((B, num_nodes, A), -1, dtype=torch.long, device=root_q.device)
+    embeddings = embedding.new_zeros((B, num_nodes) + tuple(embedding.shape[1:]))
+    embeddings[:, 0] = embedding
+    return QTree(edges, children, embeddings, torch.stack([root_q.amin(1), root_q.amax(1)], 1))
+
+
+def widen_bounds(bounds, low, high):
+    """Each tree's [min, max] [B, 2] widened to take in `low` and `high` [B]."""
+    return torch.stack([torch.minimum(bounds[:, 0], low), torch.maximum(bounds[:, 1], high)], 1)
+
+
+def q_normaliser(bounds, min_span):
+    """Scale and shift [B, 1] mapping each tree's [min, max] of Q onto [0, 1]. Until a tree has
+    seen two different Q values, every Q maps to 0 and the prior alone decides: no division
+    by zero when all values are equal, and no blow-up when they are huge. The span is floored
+    at `min_span` (EfficientZero's value_delta_max): Q values that differ by a rounding error
+    are not stretched into the whole [0, 1] and allowed to outweigh the prior."""
+    span = bounds[:, 1:] - bounds[:, :1]
+    seen = span > 0
+    scale = torch.where(seen, 1 / torch.where(seen, span.clamp(min=min_span), 1.0), 0.0)
+    return scale, torch.where(seen, -bounds[:, :1] * scale, 0.0)
+
+
+def ucb1_scores(tree, rows, c1, scale, shift):
+    """UCB1 score [B, A] of every action at the nodes `rows` [B]:
+    Qnorm(s, a) + c1 sqrt(ln N(s) / N(s, a)), with N(s) = sum_a N(s, a)."""
+    B, N, _, A = tree.edges.shape
+    q_sum, count, _ = tree.edges.view(B * N, 3, A).index_select(0, rows).unbind(1)        # [B, A] each
+    exploration = torch.sqrt(torch.log(count.sum(1, keepdim=True)) / count)
+    return torch.addcmul(shift, q_sum / count, scale) + c1 * exploration
+
+
+def q_select(tree, roots, c1, min_span):
+    """Walk down all trees from their roots [B] by UCB1 (see descend)."""
+    scale, shift = q_normaliser(tree.bounds, min_span)
+    return descend(tree, roots, lambda rows, level: ucb1_scores(tree, rows, c1, scale, shift).argmax(1))
+
+
+def descend(tree, roots, choose):
+    """Walk down all trees from their roots [B], taking the actions choose(rows, level) [B] at
+    the nodes `rows` [B] of each level (ties: the lowest index), until the chosen action is
+    unexpanded. Returns the path [B, D] (node rows; past a tree's depth, its last node repeats),
+    the actions taken along it [B, D] (past the depth, the leaf's action repeats), and the depth [B]."""
+    children = tree.children.view(-1)
+    A = tree.children.shape[-1]
+    rows, active, path, actions, descended = roots, None, [], [], []
+    while True:  # one host sync per level, to stop at the deepest path of this simulation
+        action = choose(rows, len(path))
+        path.append(rows)
+        actions.append(action)
+        child = children.index_select(0, rows * A + action)
+        active = child >= 0 if active is None else active & (child >= 0)
+        if not active.any():
+            depth = torch.stack(descended, 1).sum(1) if descended else torch.zeros_like(rows)
+            return torch.stack(path, 1), torch.stack(actions, 1), depth
+        descended.append(active)
+        rows = torch.where(active, child, rows)
+
+
+def q_expand(tree, sim, leaf, action, reward, q_values, embedding):
+    """Make node `sim` of every tree the child of the node rows `leaf` [B] through `action`,
+    holding the model's Q vector q_values [B, A]; the reward goes on the edge into it."""
+    B, N, _, A = tree.edges.shape
+    tree.children.view(-1)[leaf * A + action] = leaf - leaf % N + sim
+    tree.edges.view(-1)[leaf * 3 * A + REWARD * A + action] = reward
+    tree.edges[:, sim, Q_SUM] = q_values
+    tree.embedding[:, sim] = embedding
+    tree.bounds = widen_bounds(tree.bounds, q_values.amin(1), q_values.amax(1))
+
+
+def discount_matrix(size, discount, device):
+    """M[d, m] = discount^(m-d-1) for m > d, else 0, so that returns = rewards @ M.T."""
+    d = torch.arange(size, device=device)
+    power = (d[None, :] - d[:, None] - 1).float()
+    return torch.where(power >= 0, discount ** power.clamp(min=0), 0.0)
+
+
+def q_backup(tree, path, actions, depth, value, discount, discounts):
+    """Add the return seen from each edge on the paths [B, D], from the new leaves' values
+    [B] discounted back through the rewards, as a further sample of its Q; widen the bounds."""
+    B, N, _, A = tree.edges.shape
+    D = path.shape[1]
+    position = torch.arange(D, device=path.device)
+    on_path = position <= depth[:, None]                                         # [B, D] the edges taken
+    edge = (path * 3 * A + actions).view(-1)                                     # flat (node, action) of edge d
+    edges = tree.edges.view(-1)
+    rewards = edges.index_select(0, edge + REWARD * A).view(B, D) * on_path     # r of edge d
+    # G_d = sum_{m>=d} discount^(m-d) r_m + discount^(L-d) v for the L = depth + 1 edges, all d at once
+    returns = rewards @ discounts[:D, 1:D + 1].T + discount ** (depth[:, None] + 1 - position) * value[:, None]
+    returns, samples = returns * on_path, on_path.to(returns.dtype)
+    # an edge repeated past the depth adds 0 (no edge is on one path twice)
+    edges.index_add_(0, edge + COUNT * A, samples.view(-1))
+    edges.index_add_(0, edge + Q_SUM * A, returns.view(-1))
+    q = (edges.index_select(0, edge + Q_SUM * A) / edges.index_select(0, edge + COUNT * A)).view(B, D)
+    tree.bounds = widen_bounds(tree.bounds, torch.where(on_path, q, math.inf).amin(1),
+                               torch.where(on_path, q, -math.inf).amax(1))
+
+
+def epsilon_greedy(q_values, epsilon, generator=None):
+    """argmax_a Q [B, A] (ties: the lowest index), or with probability epsilon a uniformly
+    random action. With epsilon 0 no random number is drawn."""
+    greedy = q_values.argmax(-1)
+    if epsilon == 0:
+        return greedy
+    B, A = q_values.shape
+    explore = torch.rand(B, generator=generator, device=q_values.device) < epsilon
+    return torch.where(explore, torch.randint(A, (B,), generator=generator, device=q_values.device), greedy)
+
+
+def q_simulate(root_q, root_embedding, recurrent_fn, num_simulations, discount, walk):
+    """Grow B trees by num_simulations simulations from their roots: root_q [B, A],
+    root_embedding [B, ...]. walk(tree, roots, sim) is the selection (q_select) and returns
+    what select returns. Returns the QTree."""
+    B, A = root_q.shape
+    N = num_simulations + 1
+    tree = init_q_tree(root_q, root_embedding, N)
+    discounts = discount_matrix(N + 1, discount, root_q.device)
+    roots = torch.arange(B, device=root_q.device) * N                            # node rows of the roots
+    embeddings = tree.embedding.view((B * N,) + tree.embedding.shape[2:])
+    for sim in range(1, N):
+        path, actions, depth = walk(tree, roots, sim)
+        leaf, action = path[:, -1], actions[:, -1]                               # [B] each
+        reward, q_values, embedding = recurrent_fn(embeddings.index_select(0, leaf), action)
+        q_values = q_values.float()
+        q_expand(tree, sim, leaf, action, reward.float(), q_values, embedding)
+        q_backup(tree, path, actions, depth, q_values.amax(1), discount, discounts)  # a leaf's value: max_a Q
+    return tree
+
+
+@torch.no_grad()
+def q_search(root_q, root_embedding, recurrent_fn, num_simulations, *, discount=0.997, c1=0.25, min_q_span=0.01,
+             epsilon=0.0, generator=None):
+    """Batched Q search. root_q [B, A] the Q head's values at the roots (decoded), root_embedding
+    [B, ...]; recurrent_fn(embedding, action) -> (reward [B], Q [B, A], next embedding). The
+    action is epsilon-greedy on the root's Q after the search: with 0 simulations, on root_q
+    itself (pure Q-learning's acting). With epsilon=0 the result is deterministic."""
+    root_q = root_q.float()
+    if num_simulations == 0:
+        greedy = F.one_hot(root_q.argmax(-1), root_q.shape[-1]).float()
+        return QSearchOutput(torch.zeros_like(root_q), root_q, greedy, root_q.amax(-1),
+                             epsilon_greedy(root_q, epsilon, generator))
+    # Inference mode drops the autograd bookkeeping that no_grad still does on every op (as in search).
+    with torch.inference_mode():
+        walk = lambda tree, roots, sim: q_select(tree, roots, c1, min_q_span)
+        tree = q_simulate(root_q, root_embedding, recurrent_fn, num_simulations, discount, walk)
+        visit_counts = tree.edges[:, 0, COUNT] - 1
+        q_values = tree.edges[:, 0, Q_SUM] / tree.edges[:, 0, COUNT]
+    # cloned outside inference mode they are normal tensors, fit to be training targets
+    visit_counts, q_values = visit_counts.clone(), q_values.clone()
+    return QSearchOutput(visit_counts, q_values, visit_counts / num_simulations, q_values.amax(-1),
+                         epsilon_greedy(q_values, epsilon, generator), tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Replay
+# ---------------------------------------------------------------------------------------------
+class Sequences(NamedTuple):
+    """Rows t-S+1 .. t+K+n of sampled (time t, env) sequences, each field [B, W, ...]."""
+    frames: Tensor          # [B, W, C, H, W] uint8, the newest frame of each observation
+    action: Tensor          # [B, W] action taken at the row's observation
+    reward: Tensor          # [B, W] reward received on arriving at the row's observation
+    terminal: Tensor        # [B, W] the observation ends its episode (absorbing afterwards)
+    truncated: Tensor       # [B, W] the observation was cut by the frame cap (still bootstraps)
+    episode_step: Tensor    # [B, W] steps since the episode's first observation
+    policy: Tensor          # [B, W, A] search policy
+    root_value: Tensor      # [B, W] search root value
+    network_value: Tensor   # [B, W] the network's value at the root
+
+
+class ReplayBuffer:
+    """Preallocated tensors, T = capacity // E steps for each of E envs, written as a ring in
+    which all envs write row `steps % T` together. Each frame is stored once; observation
+    stacks are rebuilt by index. The tensors can live in shared memory, written by the actor
+    and reanalyze and read by trainers in other processes (section 9)."""
+
+    FIELDS = ("frames", "action", "reward", "terminal", "truncated", "episode_step", "policy",
+              "root_value", "network_value", "priority", "reanalyzed")
+
+    def __init__(self, capacity, num_envs, frame_shape, num_actions, stack, unroll_steps, td_steps,
+                 priority_alpha=0.6):
+        T, E = capacity // num_envs, num_envs
+        self.T, self.E, self.stack, self.K, self.n, self.alpha = T, E, stack, unroll_steps, td_steps, priority_alpha
+        self.frames = torch.zeros((T, E) + tuple(frame_shape), dtype=torch.uint8)
+        self.action = torch.zeros(T, E, dtype=torch.long)
+        self.reward = torch.zeros(T, E)
+        self.terminal = torch.zeros(T, E, dtype=torch.bool)
+        self.truncated = torch.zeros(T, E, dtype=torch.bool)
+        self.episode_step = torch.zeros(T, E, dtype=torch.long)
+        self.policy = torch.zeros(T, E, num_actions)
+        self.root_value = torch.zeros(T, E)
+        self.network_value = torch.zeros(T, E)
+        self.priority = torch.zeros(T, E)
+        self.reanalyzed = torch.zeros(T, E, dtype=torch.int32)  # times reanalyze refreshed the row
+        self.counters = torch.tensor([0.0, 1.0], dtype=torch.float64)  # steps written per env, max priority
+
+    @property
+    def steps(self):
+        return int(self.counters[0])
+
+    def share_memory_(self):
+        for name in self.FIELDS + ("counters",):
+            getattr(self, name).share_memory_()
+        return self
+
+    def add(self, frame, reward, terminal, truncated, episode_step, action, policy, root_value, network_value):
+        """Write one step of all E envs; new rows get the highest priority seen so far."""
+        row = self.steps % self.T
+        for name, value in (("frames", frame), ("reward", reward), ("terminal", terminal), ("truncated", truncated),
+                            ("episode_step", episode_step), ("action", action), ("policy", policy),
+                            ("root_value", root_value), ("network_value", network_value)):
+            getattr(self, name)[row] = value
+        self.priority[row] = self.counters[1]
+        self.reanalyzed[row] = 0
+        self.counters[0] += 1  # last: in shared memory this publishes the row to readers
+
+    def times(self, steps=None):
+        """Global time [T] held by each ring row (negative while unwritten)."""
+        steps = self.steps if steps is None else steps
+        return steps - 1 - (steps - 1 - torch.arange(self.T)) % self.T
+
+    def start_mask(self):
+        """[T, E]: rows that may start a sequence: their S-1 past rows and K+n future rows are
+        still in the ring, and the row is not an episode's last observation."""
+        steps = self.steps
+        t = self.times(steps)
+        ok = (t >= max(0, steps - self.T) + self.stack - 1) & (t + self.K + self.n <= steps - 1)
+        return ok[:, None] & ~(self.terminal | self.truncated)
+
+    def sample(self, batch_size, beta, generator=None):
+        """Prioritised sampling: P(i) ~ p_i^alpha over valid starts. Returns global times [B],
+        envs [B] and importance weights (N P(i))^-beta / max [B]."""
+        weights = (self.priority.pow(self.alpha) * self.start_mask()).view(-1)
+        total, count = weights.sum(), int((weights > 0).sum())
+        if count == 0:
+            raise RuntimeError("the replay buffer has no complete sequence to sample yet")
+        index = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+        row, env = index // self.E, index % self.E
+        importance = (count * weights[index] / total).pow(-beta)
+        return self.times()[row], env, importance / importance.max()
+
+    def window(self, time, env, before=None, after=None):
+        """Rows time-before .. time+after of each sampled env (default: S-1 back, K+n ahead)."""
+        before = self.stack - 1 if before is None else before
+        after = self.K + self.n if after is None else after
+        rows = (time[:, None] + torch.arange(-before, after + 1)) % self.T                  # [B, W]
+        envs = env[:, None].expand_as(rows)
+        return Sequences(*(getattr(self, name)[rows, envs] for name in Sequences._fields))
+
+    def write_targets(self, time, env, policy, root_value, network_value):
+        """Reanalyze's write-back. Rows the actor has overwritten since (or is about to) are
+        skipped, so fresh targets never land on another step's row."""
+        keep = time >= self.steps - self.T + 1
+        rows, env = time[keep] % self.T, env[keep]
+        self.policy[rows, env] = policy[keep]
+        self.root_value[rows, env] = root_value[keep]
+        self.network_value[rows, env] = network_value[keep]
+        self.reanalyzed[rows, env] += 1
+
+    def update_priorities(self, time, env, priority):
+        bad = ~torch.isfinite(priority) | (priority <= 0)
+        if bad.any():
+            raise ValueError(f"priorities must be finite and positive, got {priority[bad][:5].tolist()}")
+        keep = time >= self.steps - self.T + 1
+        self.priority[time[keep] % self.T, env[keep]] = priority[keep].float()
+        self.counters[1] = max(float(self.counters[1]), float(priority.max()))
+
+    def state_dict(self):
+        return {name: getattr(self, name).clone() for name in self.FIELDS + ("counters",)}
+
+    def load_state_dict(self, state):
+        for name, value in state.items():
+            getattr(self, name).copy_(value)
+
+
+def stack_observations(frames, episode_step, stack):
+    """Rebuild the env's observation stacks from single frames: [B, W, C, H, W] ->
+    [B, W-S+1, S*C, H, W] for window positions S-1.., zeroing frames from before the
+    episode's start (as the env does at reset) so no stack mixes two episodes."""
+    positions = frames.shape[1] - stack + 1
+    index = torch.arange(positions, device=frames.device)[:, None] + torch.arange(stack, device=frames.device)
+    stacks = frames[:, index]                                                        # [B, P, S, C, H, W]
+    age = stack - 1 - torch.arange(stack, device=frames.device)                      # steps before the position
+    keep = age <= episode_step[:, stack - 1:, None]                                  # [B, P, S]
+    return (stacks * keep[..., None, None, None]).flatten(2, 3)
+
+
+def augment(obs, generator=None, shift=4, intensity=0.05):
+    """EfficientZero's augmentation of what the learner sees: obs [B, P, S*C, H, W] uint8 ->
+    float on the same 0..255 scale. Each sample gets one random shift of up to `shift` pixels
+    (replicate-pad, then crop) and one brightness factor 1 + intensity * clip(N(0, 1), -2, 2),
+    the same for all its P positions, so the unrolled latents and their NCE targets stay aligned."""
+    B, P, C, H, W = obs.shape
+    device = obs.device
+    offset = torch.randint(-shift, shift + 1, (2, B, 1), device=device, generator=generator)
+    rows = (torch.arange(H, device=device) + offset[0]).clamp(0, H - 1)              # [B, H]
+    cols = (torch.arange(W, device=device) + offset[1]).clamp(0, W - 1)              # [B, W]
+    out = obs.gather(3, rows[:, None, None, :, None].expand(B, P, C, H, W))
+    out = out.gather(4, cols[:, None, None, None, :].expand(B, P, C, H, W))
+    noise = torch.randn(B, device=device, generator=generator).clamp(-2, 2)
+    return out.float() * (1 + intensity * noise)[:, None, None, None, None]
+
+
+class Targets(NamedTuple):
+    value: Tensor           # [B, K+1] n-step value targets
+    value_mask: Tensor      # [B, K+1]
+    reward: Tensor          # [B, K]   reward targets for unroll steps 1..K
+    reward_mask: Tensor     # [B, K]
+    policy: Tensor          # [B, K+1, A]
+    policy_mask: Tensor     # [B, K+1]
+    nce_mask: Tensor        # [B, K]   the real observation at t+k exists (same episode)
+    actions: Tensor         # [B, K]
+    # where each z_k bootstraps (muzero_nce.py reads only z; q_learning.py's C51 needs the row)
+    bootstrap_row: Tensor = None       # [B, K+1] the row (0: t) whose value z_k bootstraps from, t+k+h
+    bootstrap_discount: Tensor = None  # [B, K+1] discount^h where z_k bootstraps, else 0
+
+
+def td_steps_by_age(args, time, steps):
+    """EfficientZero's off-policy correction: each sample's n [B] shrinks by one for every
+    --auto-td-steps-ratio x --total-env-steps env steps (over all envs) since its row was
+    written, down to 1. Old rows were played by an older policy: their long reward sums say
+    little about the current one, so their targets lean sooner on a (reanalysed) value."""
+    if args.auto_td_steps_ratio == 0:
+        return torch.full_like(time, args.td_steps)
+    age = (steps - 1 - time) * args.num_envs                                           # env steps
+    per_step = max(1, int(args.auto_td_steps_ratio * args.total_env_steps))
+    return (args.td_steps - age // per_step).clamp(1, args.td_steps)
+
+
+def n_step_targets(seq, values, unroll_steps, td_steps, discount, stack):
+    """Targets for unroll steps k = 0..K of sequences starting at window position S-1.
+    values [B, K+n+1] are the bootstrap values of rows t..t+K+n; td_steps is n, or each
+    sample's own n [B] (at most the window's n; see td_steps_by_age).
+
+    z_k = sum_{i<h} discount^i r_{t+k+i+1} + discount^h v_{t+k+h},  h = min(n, end - k),
+    where `end` is the first final row: after a terminal one the bootstrap term is dropped and
+    later steps are absorbing (value and reward 0, no policy target); a truncated one (frame
+    cap) bootstraps from its own stored value and masks every target after it."""
+    K, o = unroll_steps, stack - 1
+    B, device = values.shape[0], values.device
+    n = values.shape[1] - K - 1                                                        # the window's n
+    td = torch.as_tensor(td_steps, device=device).reshape(-1, 1)                       # [B, 1] (or [1, 1])
+    terminal, final = seq.terminal[:, o:], (seq.terminal | seq.truncated)[:, o:]     # [B, K+n+1], row t first
+    j = torch.arange(K + n + 1, device=device)
+    end = torch.where(final, j, K + n + 1).amin(1, keepdim=True)                      # [B, 1]; K+n+1: no end
+    ends_terminal = terminal.gather(1, end.clamp(max=K + n)) & (end <= K + n)         # [B, 1]
+    rewards = seq.reward[:, o:]
+    k = torch.arange(K + 1, device=device)
+    z = torch.zeros(B, K + 1, device=device)
+    for i in range(n):
+        step = k + i + 1                                                               # reward on reaching t+k+i+1
+        z += discount ** i * rewards[:, step] * ((step <= end) & (i < td))
+    horizon = torch.minimum((end - k).clamp(min=0), td)                                # [B, K+1]
+    bootstrap = values.gather(1, k + horizon) * discount ** horizon.float()
+    bootstraps = (k <= end) & ~((k + horizon == end) & ends_terminal)
+    z = torch.where(bootstraps, z + bootstrap, z)
+    k1 = k[1:]
+    return Targets(
+        value=z, value_mask=((k <= end) | ends_terminal).float(),
+        reward=rewards[:, 1:K + 1] * (k1 <= end), reward_mask=((k1 <= end) | ends_terminal).float(),
+        policy=seq.policy[:, o:o + K + 1],
+        policy_mask=((k < end) | ((k == end) & ~ends_terminal)).float(),
+        nce_mask=(k1 <= end).float(), actions=seq.action[:, o:o + K],
+        bootstrap_row=k + horizon, bootstrap_discount=torch.where(bootstraps, discount ** horizon.float(), 0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Losses
+# ---------------------------------------------------------------------------------------------
+def cross_entropy(logits, target_probs):
+    """Cross-entropy between logits [..., M] and target distributions [..., M] -> [...]."""
+    return -(target_probs * F.log_softmax(logits.float(), -1)).sum(-1)
+
+
+def nce_loss(predictions, targets, temperature, valid, same_episode=None):
+    """InfoNCE (Oord et al. 2018) for one unroll step: the online prediction [B, D] of sample i
+    must pick out the target projection [B, D] of i's real observation among those of the
+    batch, by cosine similarity / temperature. Negatives from i's own episode (same env, same
+    episode; also a sequence sampled twice) are masked out, not merely down-weighted: they
+    may show the same frame. Returns loss [B] (0 where not valid) and accuracy [B]."""
+    targets = targets.detach()  # the target branch only supplies labels
+    logits = F.normalize(predictions.float(), dim=-1) @ F.normalize(targets.float(), dim=-1).T / temperature
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    if same_episode is not None:
+        logits = logits.masked_fill(same_episode & (labels[:, None] != labels), -torch.inf)
+    logits = logits.masked_fill(~valid.bool()[None, :], -torch.inf)  # past an episode's end: no target
+    logits = torch.where(valid.bool()[:, None], logits, 0.0)         # rows without a target give 0
+    loss = F.cross_entropy(logits, labels, reduction="none") * valid
+    accuracy = (logits.argmax(1) == labels).float() * valid
+    return loss, accuracy
+
+
+def greedy_values(q_target, q_online=None):
+    """The bootstrap value of states from their Q [N, A]: the target network's Q of the online
+    network's greedy action (double Q-learning, van Hasselt et al. 2016), or without q_online
+    its own max. Returns the values [N] and the actions [N]."""
+    greedy = (q_target if q_online is None else q_online).argmax(-1)
+    return q_target.gather(-1, greedy[:, None]).squeeze(-1), greedy
+
+
+def project_onto_atoms(probs, returns, scale, v_min, v_max):
+    """C51's projection (Bellemare et al. 2017): the distribution of returns + scale * z, with z
+    on M atoms evenly spaced on [v_min, v_max] with probabilities probs [..., M], put back onto
+    the same atoms; returns and scale [...]. Mass beyond either end lands on that end's atom."""
+    M = probs.shape[-1]
+    atoms = torch.linspace(v_min, v_max, M, device=probs.device)
+    dz = (v_max - v_min) / (M - 1)
+    tz = (returns[..., None] + scale[..., None] * atoms).clamp(v_min, v_max)      # [..., M]
+    b = ((tz - v_min) / dz).clamp(0, M - 1)  # clamp: rounding may put v_max a hair past the last atom
+    low, up = b.floor(), b.ceil()
+    target = torch.zeros_like(probs)
+    # b on an atom (low == up): the two weights below, up - b and b - low, are both 0 there and
+    # the mass would vanish; the (low == up) term gives it all to that atom
+    target.scatter_add_(-1, low.long(), probs * (up - b + (low == up)))
+    target.scatter_add_(-1, up.long(), probs * (b - low))
+    return target
+
+
+class QTargets(NamedTuple):
+    actions: Tensor         # [B, K+1]    a_t .. a_{t+K}: the action whose Q each step trains
+    probs: Tensor           # [B, K+1, M] the target distribution of that Q
+    mask: Tensor            # [B, K+1]
+
+
+def q_learning_targets(seq, values, probs, td_steps, args, stack):
+    """Targets for Q(s_{t+k}, a_{t+k}), k = 0..K, as distributions over the Q head's atoms.
+    n is td_steps (an int, or each sample's own [B]). Without C51 (probs None): the two-hot in
+    h-space of the n-step return z_k of n_step_targets, bootstrapped from values [B, K+n+1].
+    With C51: R_k + discount^h Z projected onto the atoms, R_k the n-step rewards and
+    Z ~ probs [B, K+n+1, M], the bootstrap row's distribution (none past a terminal end: all the
+    mass on R_k). Returns (Targets, QTargets)."""
+    K, o = args.jumps, stack - 1
+    if probs is None:
+        targets = n_step_targets(seq, values, K, td_steps, args.discount, stack)
+        target_probs = scalar_to_support(targets.value, args.support_size)
+    else:  # with bootstrap values 0, n_step_targets' z_k is R_k, the rewards alone
+        targets = n_step_targets(seq, torch.zeros_like(values), K, td_steps, args.discount, stack)
+        row = targets.bootstrap_row[..., None].expand(-1, -1, probs.shape[-1])
+        target_probs = project_onto_atoms(probs.gather(1, row), targets.value, targets.bootstrap_discount,
+                                          args.v_min, args.v_max)
+    # A truncated observation's action was never carried out (the env reset instead): its Q has
+    # no target. (Its value target bootstraps from the state's own value, right for V, not for Q.)
+    mask = targets.value_mask * ~seq.truncated[:, o:o + K + 1]
+    return targets, QTargets(seq.action[:, o:o + K + 1], target_probs, mask)
+
+
+def q_losses(outputs, targets, q_targets, target_projections, same_episode, args):
+    """Per-sample loss terms [B] and priorities [B]. outputs = QNet.forward(...). The Q of the
+    action taken at each step is trained by cross-entropy towards its target distribution; step
+    0 counts fully and each unrolled step 1/K (MuZero), so the total does not grow with K.
+    Priorities: |Q(s_t, a_t) - z_0|, or with C51 the KL divergence of its distribution (the original's)."""
+    q_logits, reward_logits, predictions = outputs
+    K = reward_logits.shape[1]
+    step_weight = torch.full((K + 1,), 1.0 / max(K, 1), device=q_logits.device)
+    step_weight[0] = 1.0
+    index = q_targets.actions[..., None, None].expand(-1, -1, 1, q_logits.shape[-1])
+    taken = q_logits.gather(2, index).squeeze(2)                                    # [B, K+1, M]
+    q = cross_entropy(taken, q_targets.probs) * q_targets.mask
+    reward = cross_entropy(reward_logits, scalar_to_support(targets.reward, args.support_size)) * targets.reward_mask
+    terms = {"q": (q * step_weight).sum(1), "reward": (reward * step_weight[1:]).sum(1)}
+    metrics = {}
+    if predictions is not None:
+        losses, accuracies = zip(*(nce_loss(predictions[:, k], target_projections[:, k], args.nce_temperature,
+                                            targets.nce_mask[:, k], same_episode) for k in range(K)))
+        terms["nce"] = (torch.stack(losses, 1) * step_weight[1:]).sum(1)
+        counts = targets.nce_mask.sum(0).clamp(min=1)
+        metrics = {f"nce/accuracy_step_{k + 1}": accuracies[k].sum() / counts[k] for k in range(K)}
+    if args.distributional:  # KL = cross-entropy - entropy of the target
+        target = q_targets.probs[:, 0]
+        priorities = (q[:, 0].detach() + (target * target.clamp(min=1e-12).log()).sum(-1)).clamp(min=0)
+    else:
+        priorities = (support_to_scalar(taken[:, 0].detach(), args.support_size) - targets.value[:, 0]).abs()
+    return terms, priorities + 1e-6, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Acting, reanalyze, training step: what the process loops of section 9 call
+# ---------------------------------------------------------------------------------------------
+def run_search(net, obs, args, num_simulations, epsilon=0.0, generator=None):
+    """initial_inference on observations [B, S*C, H, W], then the batched Q search. Returns its
+    output and the network's own value, max_a Q [B]."""
+    latent, q_logits = net.initial_inference(obs)
+    q = net.q_values(q_logits)
+    out = q_search(q, latent, make_recurrent_fn(net), num_simulations, discount=args.discount, c1=args.c1,
+                   min_q_span=args.min_q_span, epsilon=epsilon, generator=generator)
+    return out, q.amax(-1)
+
+
+def lives_of(info, num_envs):
+    """Lives left per env [E] from a step's info (ALE gives them), or None for envs without lives."""
+    return torch.as_tensor(info["lives"]).long().reshape(num_envs) if "lives" in info else None
+
+
+class Actor:
+    """Steps E envs, one batched search per step, and writes every step to the buffer. Row t of
+    an env holds observation o_t with the reward and end flags that came with it, then the
+    search's policy, value and action at o_t. An episode's last observation is searched too
+    (NEXT_STEP autoreset ignores its action), so a truncated end has a value to bootstrap from.
+
+    Two kinds of end: the env's own (game over or the frame cap: the env resets at the next
+    step) and, with --episodic-life, a lost life (marked terminal for the value targets, while
+    the game and its frame stack go on; episode_step keeps counting, so rebuilt stacks match).
+    Returns are counted per game, with the env's unclipped rewards."""
+
+    def __init__(self, envs, buffer, args, device, generator, seed):
+        self.envs, self.buffer, self.args, self.device, self.generator = envs, buffer, args, device, generator
+        self.frame_shape = env_spec(envs)[0]
+        self.last_search = None
+        self.reset(seed)
+
+    def reset(self, seed):
+        E = self.envs.num_envs
+        self.obs, info = self.envs.reset(seed=seed)
+        self.lives = lives_of(info, E)
+        self.reward = torch.zeros(E)
+        self.terminal = torch.zeros(E, dtype=torch.bool)
+        self.truncated = torch.zeros(E, dtype=torch.bool)
+        self.game_over = torch.zeros(E, dtype=torch.bool)   # the env resets at its next step
+        self.episode_step = torch.zeros(E, dtype=torch.long)
+        self.episode_return = torch.zeros(E, dtype=torch.float64)
+
+    @torch.no_grad()
+    def step(self, net, epsilon):
+        """One step of all envs. Returns the (return, length) of the games that ended."""
+        obs = observation_tensor(self.obs)
+        out, value = run_search(net, obs.to(self.device), self.args, self.args.num_simulations, epsilon,
+                                generator=self.generator)
+        action, self.last_search = out.action.cpu(), out
+        frame = obs[:, -self.frame_shape[0]:]  # the newest frame of each stack
+        self.buffer.add(frame, self.reward, self.terminal, self.truncated, self.episode_step, action,
+                        out.policy.cpu(), out.root_value.cpu(), value.cpu())
+        self.obs, reward, terminal, truncated, info = self.envs.step(action.numpy())
+        restarted = self.game_over                           # these envs just reset (their action was ignored)
+        reward = torch.where(restarted, 0.0, torch.as_tensor(reward, dtype=torch.float32))
+        self.game_over = torch.as_tensor(terminal) | torch.as_tensor(truncated)
+        lives, life_lost = lives_of(info, len(reward)), torch.zeros_like(self.game_over)
+        if self.args.episodic_life and lives is not None and self.lives is not None:
+            life_lost = (lives < self.lives) & ~restarted
+        self.lives = lives
+        self.reward = torch.sign(reward) if self.args.clip_rewards else reward
+        self.terminal, self.truncated = torch.as_tensor(terminal) | life_lost, torch.as_tensor(truncated)
+        self.episode_step = torch.where(restarted, 0, self.episode_step + 1)
+        self.episode_return = torch.where(restarted, 0.0, self.episode_return) + reward
+        ended = self.game_over.nonzero().flatten().tolist()
+        return [(float(self.episode_return[i]), int(self.episode_step[i])) for i in ended]
+
+    def state_dict(self):
+        return {"obs": self.obs, "reward": self.reward, "terminal": self.terminal, "truncated": self.truncated,
+                "game_over": self.game_over, "lives": self.lives, "episode_step": self.episode_step,
+                "episode_return": self.episode_return}
+
+    def load_state_dict(self, state):
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+@torch.no_grad()
+def evaluate(net, env_fn, args, device, seed, video=None):
+    """Play --eval-episodes episodes in parallel envs: --eval-simulations, then epsilon-greedy
+    on the root's Q with --eval-epsilon (seeded). Returns the episode returns [episodes]. A list
+    passed as `video` receives the first episode's frames as the agent sees them: the newest
+    frame of each observation, [H, W] or [H, W, C], from the reset to the last."""
+    envs = env_fn(args.eval_episodes)
+    obs, _ = envs.reset(seed=seed)
+    generator = make_generator(device, seed)
+    returns = np.zeros(args.eval_episodes)
+    done = np.zeros(args.eval_episodes, dtype=bool)
+    while not done.all():
+        if video is not None and not done[0]:
+            video.append(np.array(obs[0, -1]))  # a copy: vector envs may reuse their observation buffer
+        playing = torch.as_tensor(~done)
+        out, _ = run_search(net, observation_tensor(obs)[playing].to(device), args, args.eval_simulations,
+                            args.eval_epsilon, generator)
+        action = np.zeros(args.eval_episodes, dtype=np.int64)
+        action[~done] = out.action.cpu().numpy()
+        obs, reward, terminal, truncated, _ = envs.step(action)
+        if video is not None and not done[0] and (terminal[0] or truncated[0]):
+            video.append(np.array(obs[0, -1]))  # the first episode's last frame
+        returns += reward * ~done
+        done |= terminal | truncated
+    envs.close()
+    return returns
+
+
+def sample_batch(buffer, args, env_steps, generator=None):
+    """--batch-size-per-worker prioritised sequence starts: times [B], envs [B], importance
+    weights [B] (beta annealed from --priority-beta to 1 over the run) and each sample's n [B]."""
+    beta = args.priority_beta + (1 - args.priority_beta) * min(1.0, env_steps / args.total_env_steps)
+    time, env, weights = buffer.sample(args.batch_size_per_worker, beta, generator)
+    return time, env, weights, td_steps_by_age(args, time, buffer.steps)
+
+
+REANALYZE_CHUNK = 2048  # trees searched at once; bounds the memory of the nodes' latents
+
+
+@torch.no_grad()
+def reanalyze(net, buffer, time, env, args, device, generator=None):
+    """Search again, with recent weights, at rows t..t+K+n of each sequence (its bootstrap rows)
+    and write the fresh visit distribution, max root Q (--search-value-targets) and the network's
+    max Q (--no-local-target-net) back (MuZero Reanalyze). Returns the simulations run."""
+    seq = buffer.window(time, env)
+    obs = stack_observations(seq.frames, seq.episode_step, buffer.stack).flatten(0, 1)   # [B*(K+n+1), S*C, H, W]
+    results = [run_search(net, chunk.to(device), args, args.num_simulations, generator=generator)
+               for chunk in obs.split(REANALYZE_CHUNK)]
+    policy = torch.cat([out.policy for out, _ in results]).cpu()
+    root_value = torch.cat([out.root_value for out, _ in results]).cpu()
+    value = torch.cat([v for _, v in results]).cpu()
+    steps = buffer.K + buffer.n + 1
+    times = (time[:, None] + torch.arange(steps)).flatten()
+    buffer.write_targets(times, env.repeat_interleave(steps), policy, root_value, value)
+    return obs.shape[0] * args.num_simulations
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Learner:
+    """The online network (DDP-wrapped in a trainer process), its optimiser, and a target
+    network refreshed every --target-update-interval updates for the NCE targets and, with
+    --local-target-net (the default), the bootstrap values.
+
+    `updates` counts batches of --batch-size-per-worker sequences. With `world` DDP trainers,
+    one optimiser step (train_step) averages the gradients of `world` batches and counts as
+    `world` updates. The replay ratio, the learning-rate schedule, the target refresh and the
+    checkpoints all count these updates, so the sequences trained per env step, and what
+    happens when, do not depend on the number of GPUs."""
+
+    def __init__(self, net, args, device, model=None, world=1, seed=0):
+        self.net, self.model, self.args, self.device, self.world = net, model or net, args, device, world
+        self.target = copy.deepcopy(net).eval().requires_grad_(False)
+        self.generator = make_generator(device, seed)  # augmentation
+        if args.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
+                                             weight_decay=args.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.updates = 0
+        self.loss_weights = {"q": args.value_loss_weight, "reward": args.reward_loss_weight, "nce": args.nce_weight}
+
+    def bootstrap(self, obs):
+        """The target network's bootstrap at observations [B, L, S*C, H, W]: its value [B, L] of
+        the greedy action (the online network's with --double-q), and with C51 that action's
+        distribution [B, L, M] (else None)."""
+        B, L = obs.shape[:2]
+        obs = obs.flatten(0, 1)
+        q_logits = self.target.initial_inference(obs)[1]                               # [B*L, A, M]
+        q_online = None
+        if self.args.double_q:
+            self.net.eval()  # as acting sees it: BatchNorm's running statistics
+            q_online = self.net.q_values(self.net.initial_inference(obs)[1])
+        values, greedy = greedy_values(self.target.q_values(q_logits), q_online)
+        if not self.args.distributional:
+            return values.view(B, L), None
+        probs = torch.softmax(q_logits[torch.arange(B * L, device=obs.device), greedy].float(), -1)
+        return values.view(B, L), probs.view(B, L, -1)
+
+    def train_step(self, seq, time, env, weights, td_steps):
+        """seq: Sequences on the device; weights [B] importance weights; td_steps [B] each
+        sample's n. Returns (metrics, priorities)."""
+        args, S, K = self.args, self.net.stack, self.args.jumps
+        obs = stack_observations(seq.frames, seq.episode_step, S)                       # [B, K+n+1, S*C, H, W]
+        B = obs.shape[0]
+        if args.distributional:  # C51's fixed atoms on [-10, 10] need rewards of the order of 1
+            seq = seq._replace(reward=seq.reward.clamp(-1, 1))
+        with torch.no_grad():
+            if args.local_target_net:
+                values, probs = self.bootstrap(obs)                                   # [B, K+n+1], [B, K+n+1, M]
+            else:
+                values, probs = (seq.root_value if args.search_value_targets else seq.network_value)[:, S - 1:], None
+            targets, q_targets = q_learning_targets(seq, values, probs, td_steps.to(self.device), args, S)
+            seen = augment(obs[:, :K + 1], self.generator) if args.augment else obs[:, :K + 1]  # [B, K+1, S*C, H, W]
+            projections = same_episode = None
+            if args.nce and K > 0:
+                real = self.target.representation(seen[:, 1:].flatten(0, 1))              # the observations at t+1..t+K
+                projections = self.target.project(real, online=False).view(B, K, -1)
+                start = (time.to(self.device) - seq.episode_step[:, S - 1])
+                env = env.to(self.device)
+                same_episode = (env[:, None] == env) & (start[:, None] == start)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(args, self.updates)
+        self.model.train()
+        outputs = self.model(seen[:, 0], targets.actions, nce=args.nce)
+        terms, priorities, metrics = q_losses(outputs, targets, q_targets, projections, same_episode, args)
+        losses = {name: (term * weights).mean() for name, term in terms.items()}
+        loss = sum(self.loss_weights[name] * value for name, value in losses.items())
+        values = torch.stack([loss, *losses.values()]).detach()
+        detail = lambda: ", ".join(f"{name}={float(v):.4g}" for name, v in zip(["total", *losses], values))
+        if not torch.isfinite(values).all():
+            raise NonFiniteError(f"non-finite loss at update {self.updates + self.world} ({detail()})")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), args.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteError(f"non-finite gradient at update {self.updates + self.world} (losses: {detail()})")
+        self.optimizer.step()
+        metrics.update({f"losses/{name}": v.detach() for name, v in losses.items()})
+        metrics.update({"losses/total": loss.detach(), "losses/grad_norm": grad_norm,
+                        "charts/learning_rate": torch.tensor(learning_rate(args, self.updates))})
+        self.updates += self.world
+        if crossed(self.updates, self.world, args.target_update_interval):
+            self.target.load_state_dict(self.net.state_dict())
+        return metrics, priorities.detach()
+
+    def state_dict(self):
+        return {"net": self.net.state_dict(), "target": self.target.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state):
+        self.net.load_state_dict(state["net"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = state["updates"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Processes: actor and reanalyze on GPU 0, DDP trainers on the other GPUs
+# ---------------------------------------------------------------------------------------------
+# torch.multiprocessing (spawn). The launcher makes the shared state, starts the processes,
+# prints progress from the shared counters and tears everything down when one fails:
+#   actor       steps the envs with one batched search per step, writes the buffer, evaluates
+#   trainers    one DDP group; each samples its own --batch-size-per-worker sequences per update,
+#               one update ahead, and hands them to reanalyze before training on them
+#   reanalyze   refreshes the first --reanalyze-fraction of each such batch with a new search
+#               (--reanalyze-workers), as the single process does before each update
+# The replay ratio is held across processes: trainers wait for env steps, and the actor waits
+# when training falls more than two actor steps behind, so results do not depend on which
+# part of the machine is faster. Under torchrun, each node runs this layout and all trainers
+# of all nodes form one DDP group (rendezvous on MASTER_PORT + 1).
+
+# Shared int64 counters and float64 statistics, by index.
+ENV_STEPS, UPDATES, SIMS, REANALYZED, VERSION, STOP, ACTOR_DONE, TRAINERS_DONE, START_STEPS, BASE_UPDATES = range(10)
+RETURN, EVAL_RETURN, LOSS, STALENESS = range(4)
+# A trainer's sampled batch goes FREE -> WAITING (for reanalyze) -> CLAIMED -> READY (to train on).
+FREE, WAITING, CLAIMED, READY = range(4)
+LOOKAHEAD = 2  # batches each trainer has sampled: one being trained on, one being reanalysed
+
+
+class Layout(NamedTuple):
+    actor: str
+    reanalyze: list
+    trainers: list
+    backend: str
+    node_rank: int = 0
+    num_nodes: int = 1
+    master: str = ""
+
+
+def plan_layout(args):
+    """Where each process runs, or None for the single process. Impossible requests are
+    one-line errors here, before anything starts."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = visible if args.num_gpus is None else args.num_gpus
+    if args.device == "cpu" and args.num_gpus is None:
+        gpus = 0  # --device cpu: no GPU, whatever the machine has
+    if gpus > visible:
+        fail(f"--num-gpus {gpus} but this machine has {visible} GPU(s)")
+    if args.devices:
+        devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+        for d in devices:
+            if d != "cpu" and not (d.startswith("cuda:") and d[5:].isdigit()):
+                fail(f"--devices entry '{d}' is not cpu or cuda:N")
+            if d.startswith("cuda:") and int(d[5:]) >= visible:
+                fail(f"--devices entry '{d}' but this machine has {visible} GPU(s)")
+        trainers = len(devices) - 1 - args.reanalyze_workers
+        if trainers < 1 or (args.num_trainers is not None and args.num_trainers != trainers):
+            fail(f"--devices lists {len(devices)} devices; it needs 1 actor + {args.reanalyze_workers} "
+                         f"reanalyze + {args.num_trainers or 'at least 1'} trainer(s)")
+        R = args.reanalyze_workers
+        actor, reanalyze, trainer_devices = devices[0], devices[1:1 + R], devices[1 + R:]
+    else:
+        gpu_0_train = args.gpu_0_train if args.gpu_0_train is not None else gpus <= 1
+        slots = [f"cuda:{i}" for i in range(0 if gpu_0_train else 1, gpus)] if gpus else []
+        trainers = args.num_trainers if args.num_trainers is not None else (len(slots) if gpus else 0)
+        if trainers == 0:
+            return None
+        if gpus and trainers > len(slots):
+            where = "GPUs 0.." if gpu_0_train else "GPUs 1.."
+            fail(f"--num-trainers {trainers} needs one GPU each but {where}{gpus - 1} give {len(slots)} "
+                         f"(use --gpu-0-train, fewer trainers, or --devices)")
+        actor = "cuda:0" if gpus else "cpu"
+        reanalyze = [actor] * args.reanalyze_workers
+        trainer_devices = slots[:trainers] if gpus else ["cpu"] * trainers
+    if args.reanalyze_fraction > 0 and args.num_simulations > 0 and not reanalyze:
+        fail("--reanalyze-fraction > 0 needs --reanalyze-workers >= 1 in the process layout")
+    distinct_gpus = (all(d.startswith("cuda") for d in trainer_devices)
+                     and len(set(trainer_devices)) == len(trainer_devices))
+    layout = Layout(actor, reanalyze, trainer_devices, "nccl" if distinct_gpus else "gloo")
+    if "TORCHELASTIC_RUN_ID" in os.environ or "GROUP_RANK" in os.environ:  # launched by torchrun
+        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) != 1:
+            fail("under torchrun use --nproc-per-node 1: each node's process starts its own layout")
+        port = int(os.environ["MASTER_PORT"]) + 1
+        layout = layout._replace(node_rank=int(os.environ["RANK"]), num_nodes=int(os.environ["WORLD_SIZE"]),
+                                 master=f"tcp://{os.environ['MASTER_ADDR']}:{port}")
+    return layout
+
+
+class Shared:
+    """What the processes share, all in shared memory: the replay buffer, the published weights
+    with their version (the update they come from), counters and statistics."""
+
+    def __init__(self, ctx, args, frame_shape, stack, num_actions, weights, trainers):
+        self.buffer = ReplayBuffer(args.buffer_size, args.num_envs, frame_shape, num_actions, stack, args.jumps,
+                                   args.td_steps, args.priority_alpha).share_memory_()
+        self.weights = weights.share_memory()
+        self.counters = torch.zeros(10, dtype=torch.long).share_memory_()
+        self.stats = torch.full((4,), math.nan, dtype=torch.float64).share_memory_()
+        # the (time, env) starts of each trainer's coming batches, and where each batch stands
+        self.batches = torch.zeros(trainers, LOOKAHEAD, 2, args.batch_size_per_worker, dtype=torch.long).share_memory_()
+        self.batch_state = torch.full((trainers, LOOKAHEAD), FREE, dtype=torch.long).share_memory_()
+        self.lock = ctx.Lock()
+        self.errors = ctx.SimpleQueue()
+
+    def add(self, index, amount):
+        with self.lock:
+            self.counters[index] += amount
+
+    def stopping(self):
+        """An error or Ctrl-C set STOP, or the launcher is gone (no process is left behind)."""
+        launcher = torch.multiprocessing.parent_process()
+        return bool(self.counters[STOP]) or (launcher is not None and not launcher.is_alive())
+
+    def publish(self, net, updates):
+        with self.lock:
+            for shared, own in zip(self.weights.state_dict().values(), net.state_dict().values()):
+                shared.copy_(own)
+            self.counters[VERSION] = updates
+
+    def fetch(self, net, version):
+        """Load the published weights into `net` if newer than `version`; returns the version held."""
+        if int(self.counters[VERSION]) == version:
+            return version
+        with self.lock:
+            net.load_state_dict(self.weights.state_dict())
+            return int(self.counters[VERSION])
+
+    def claim_batch(self):
+        """A batch waiting for reanalyze, as (trainer, slot), now claimed by the caller; or None."""
+        with self.lock:
+            waiting = (self.batch_state == WAITING).nonzero()
+            if len(waiting) == 0:
+                return None
+            trainer, slot = waiting[0].tolist()
+            self.batch_state[trainer, slot] = CLAIMED
+            return trainer, slot
+
+
+def fresh_counters(args):
+    """Progress counters of a new run: training starts once --learning-starts env steps are in."""
+    return {"env_steps": 0, "start_steps": args.learning_starts, "base_updates": 0, "sims": 0,
+            "reanalyzed_sequences": 0}
+
+
+def warm_up_again(counters, args, updates):
+    """A resume without its buffer refills it for --learning-starts env steps before training on."""
+    counters.update(start_steps=counters["env_steps"] + args.learning_starts, base_updates=updates)
+
+
+def credited_steps(env_steps, start_steps, args):
+    """Env steps that earn updates after `env_steps`: none before the buffer is warm
+    (`start_steps`), then every env step including the one that made it warm."""
+    return env_steps - start_steps + args.num_envs if env_steps >= start_steps else 0
+
+
+def updates_allowed(env_steps, start_steps, base_updates, args):
+    """Updates (batches) the replay ratio allows after `env_steps`: --train-steps-per-env-step
+    for every credited env step."""
+    return base_updates + int(credited_steps(env_steps, start_steps, args) * args.train_steps_per_env_step + 1e-9)
+
+
+def replay_ratio(counters, updates, args):
+    """The replay ratio actually held: updates done per env step since training started (what
+    updates_allowed holds at --train-steps-per-env-step); NaN before training starts.
+    `counters` are the progress counters (fresh_counters' names)."""
+    steps = credited_steps(counters["env_steps"], counters["start_steps"], args)
+    return (updates - counters["base_updates"]) / steps if steps else math.nan
+
+
+def wait_until(condition, shared, poll=0.002):
+    """Sleep-poll until `condition()` or the run is stopping. Returns True if the condition holds."""
+    while not condition():
+        if shared.stopping():
+            return False
+        time.sleep(poll)
+    return True
+
+
+def process_entry(role, index, body, args, shared, *extra):
+    """Run one process's loop; any error stops the run and reaches the launcher with its traceback."""
+    import traceback
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group; the launcher alone acts on
+    # them and stops everyone in order, so that the final checkpoint gets written
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_float32_matmul_precision("high")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (2 + args.reanalyze_workers + len(extra[0].trainers))))
+    try:
+        body(args, shared, index, *extra)
+    except BaseException:
+        shared.counters[STOP] = 1
+        shared.errors.put((f"{role} {index}", traceback.format_exc()))
+        sys.exit(1)
+    # The work is done and saved. Leave without the interpreter's teardown, where a library's
+    # background thread that still holds a tensor can abort a finished process.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def updates_allowed_now(counters, args):
+    """updates_allowed for the env steps the shared counters hold."""
+    c = counters
+    return updates_allowed(int(c[ENV_STEPS]), int(c[START_STEPS]), int(c[BASE_UPDATES]), args)
+
+
+PROCESS_ROLES = ("actor", "reanalyze", "trainer")
+
+
+def process_seed(args, role, index, node_rank):
+    """The seed of one process (its generators use seed, seed + 1, seed + 2): the actor, each
+    reanalyze worker and each trainer of each node gets its own, so no two draw the same batches
+    or noise (the original's forked trainers shared one RNG state and sampled alike)."""
+    return args.seed + 7919 * (len(PROCESS_ROLES) * index + PROCESS_ROLES.index(role)) + 1_000_003 * node_rank
+
+
+def on_device(name):
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def actor_process(args, shared, index, layout):
+    device = on_device(layout.actor)
+    seed = process_seed(args, "actor", 0, layout.node_rank)  # every env of every node has its own seed
+    seed_everything(seed)
+    envs, eval_env_fn = make_atari_env_fn(args)(args.num_envs), make_atari_env_fn(args, evaluation=True)
+    acting = copy.deepcopy(shared.weights).to(device).eval()
+    version = shared.fetch(acting, -1)
+    actor = Actor(envs, shared.buffer, args, device, make_generator(device, seed + 2), seed)
+    progress = Progress(node_run_dir(args, layout))
+    counters, E = shared.counters, args.num_envs
+    # the actor runs at most two steps ahead of training, and far enough for one optimiser step of all trainers
+    max_backlog = 2 * E * args.train_steps_per_env_step + len(layout.trainers)
+    while int(counters[ENV_STEPS]) < args.total_env_steps:
+        backlog = lambda: updates_allowed_now(counters, args) - int(counters[UPDATES])  # updates not done yet
+        if not wait_until(lambda: backlog() <= max_backlog, shared):
+            break
+        version = shared.fetch(acting, version)
+        steps = int(counters[ENV_STEPS])
+        for episode_return, length in actor.step(acting, epsilon_schedule(args, steps)):
+            progress.episode(episode_return, length, steps)
+        shared.add(SIMS, E * args.num_simulations)
+        counters[ENV_STEPS] = steps = steps + E
+        shared.stats[RETURN] = progress.recent_return()
+        staleness = int(counters[UPDATES]) - version  # trainer updates the actor's weights lag behind
+        shared.stats[STALENESS] = staleness
+        if crossed(steps, E, args.log_interval):
+            progress.scalars({"charts/weights_staleness": staleness, **search_stats(actor)}, steps)
+        if args.eval_interval and crossed(steps, E, args.eval_interval) and steps < args.total_env_steps:
+            run_evaluation(acting, eval_env_fn, args, device, steps, progress, shared.stats)
+    counters[ACTOR_DONE] = 1
+    if wait_until(lambda: bool(counters[TRAINERS_DONE]), shared, poll=0.05):
+        shared.fetch(acting, -1)
+        run_evaluation(acting, eval_env_fn, args, device, int(counters[ENV_STEPS]), progress, shared.stats)
+    progress.close()
+    envs.close()
+
+
+def reanalyze_process(args, shared, index, layout):
+    """Refresh the first --reanalyze-fraction of each batch a trainer has sampled ahead: the
+    same sequences the single process refreshes before each update."""
+    device = on_device(layout.reanalyze[index])
+    net = copy.deepcopy(shared.weights).to(device).eval()
+    version = shared.fetch(net, -1)
+    noise = make_generator(device, process_seed(args, "reanalyze", index, layout.node_rank) + 1)
+    refresh = round(args.reanalyze_fraction * args.batch_size_per_worker)
+    while not shared.stopping() and not shared.counters[TRAINERS_DONE]:
+        job = shared.claim_batch()
+        if job is None:
+            time.sleep(0.002)
+            continue
+        version = shared.fetch(net, version)
+        time_, env = shared.batches[job][:, :refresh]
+        sims = reanalyze(net, shared.buffer, time_, env, args, device, noise)
+        shared.batch_state[job] = READY
+        shared.add(REANALYZED, refresh)
+        shared.add(SIMS, sims)
+
+
+def ddp_model(net, args, device):
+    """The online network wrapped for DDP. Every parameter must get a gradient in every update,
+    or DDP stops at the next one: --no-nce builds no NCE heads, and with --jumps 0 the dynamics
+    go unused, which DDP must be told."""
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=args.jumps == 0)
+
+
+def trainer_process(args, shared, index, layout):
+    import torch.distributed as dist
+    device = on_device(layout.trainers[index])
+    T = len(layout.trainers)
+    rank, world = layout.node_rank * T + index, layout.num_nodes * T
+    # torchrun tells its workers to join its own store; our group has a store of its own
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    dist.init_process_group(layout.backend, init_method=layout.master, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=10))
+    net = copy.deepcopy(shared.weights).to(device)
+    seed = process_seed(args, "trainer", index, layout.node_rank)
+    learner = Learner(net, args, device, model=ddp_model(net, args, device), world=world, seed=seed + 1)
+    if args.resume:
+        learner.load_state_dict(load_checkpoint(args.resume))
+    sampler = make_generator("cpu", seed)
+    buffer, counters = shared.buffer, shared.counters
+    progress = Progress(node_run_dir(args, layout)) if rank == 0 else None
+    leader = index == 0  # each node's first trainer publishes weights and counts updates
+    run_dir, last_logged = node_run_dir(args, layout), int(counters[ENV_STEPS])
+    metrics = {}
+    collective_device = device if layout.backend == "nccl" else torch.device("cpu")
+    needs_reanalyze = args.reanalyze_fraction > 0 and args.num_simulations > 0
+    states, starts = shared.batch_state[index], shared.batches[index]
+    pending, sampled = [], 0  # batches sampled ahead, oldest first, as (slot, weights, td_steps)
+
+    def credit():  # batches the replay ratio allows this node beyond those its trainers trained
+        return updates_allowed_now(counters, args) - learner.updates // layout.num_nodes
+
+    def sample_ahead():  # reanalyze refreshes the next batch while this one trains
+        nonlocal sampled
+        while len(pending) < LOOKAHEAD:
+            slot = sampled % LOOKAHEAD
+            time_, env, weights, td_steps = sample_batch(buffer, args, int(counters[ENV_STEPS]), sampler)
+            starts[slot, 0], starts[slot, 1] = time_, env
+            states[slot] = WAITING if needs_reanalyze else READY
+            pending.append((slot, weights, td_steps))
+            sampled += 1
+
+    while True:
+        actor_done = lambda: bool(counters[ACTOR_DONE])
+        wait_until(lambda: (credit() >= T and bool(buffer.start_mask().any())) or actor_done(), shared)
+        if credit() >= T:
+            sample_ahead()
+            wait_until(lambda: int(states[pending[0][0]]) == READY, shared)
+        stop = shared.stopping() or credit() < T  # (once the actor is done: no credit left)
+        # every trainer must take the same decision, or the others would wait in all_reduce forever
+        flag = torch.tensor([float(stop)], device=collective_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            break
+        slot, weights, td_steps = pending.pop(0)
+        time_, env = starts[slot].clone()
+        states[slot] = FREE
+        seq = Sequences(*(x.to(device, non_blocking=True) for x in buffer.window(time_, env)))
+        metrics, priorities = learner.train_step(seq, time_, env, weights.to(device), td_steps)
+        buffer.update_priorities(time_, env, priorities.cpu())
+        if leader:
+            counters[UPDATES] = learner.updates // layout.num_nodes
+            if crossed(learner.updates, world, args.publish_interval):
+                shared.publish(net, learner.updates // layout.num_nodes)
+        if args.fault_after is not None and rank == world - 1 and learner.updates >= args.fault_after:
+            raise RuntimeError(f"fault injected by --fault-after {args.fault_after} at update {learner.updates}")
+        steps = int(counters[ENV_STEPS])
+        if rank == 0 and crossed(steps, steps - last_logged, args.log_interval):
+            shared.stats[LOSS] = float(metrics["losses/total"])
+            progress.scalars(metrics, steps)
+        if rank == 0 and crossed(steps, steps - last_logged, args.checkpoint_interval):
+            save_run(os.path.join(run_dir, "checkpoint.pt"), args, learner, shared.weights, counters_dict(counters),
+                     buffer)
+        last_logged = steps
+    if leader:
+        shared.publish(net, learner.updates // layout.num_nodes)
+        counters[UPDATES] = learner.updates // layout.num_nodes
+        counters[TRAINERS_DONE] = 1
+    # DDP keeps the replicas equal; check it, and keep the evidence in the final checkpoint
+    checksum = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum().reshape(1).to(collective_device)
+    checksums = [torch.zeros_like(checksum) for _ in range(world)]
+    dist.all_gather(checksums, checksum)
+    if rank == 0:
+        if metrics:
+            shared.stats[LOSS] = float(metrics["losses/total"])
+        save_run(os.path.join(run_dir, "checkpoint.pt"), args, learner, shared.weights,
+                 {**counters_dict(counters), "replica_checksums": [float(c) for c in checksums]}, buffer)
+        progress.close()
+    # Tear down in order, while the interpreter is whole: DDP's reducer holds the process group,
+    # and freed late (by the garbage collector at exit) gloo's threads abort the process
+    # ("terminate called without an active exception"). The barrier keeps rank 0, which hosts
+    # the group's store, alive until every rank is done with it.
+    del learner
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# the progress counters a checkpoint keeps, and where they live among the shared counters
+COUNTER_NAMES = {"env_steps": ENV_STEPS, "start_steps": START_STEPS, "base_updates": BASE_UPDATES, "sims": SIMS,
+                 "reanalyzed_sequences": REANALYZED}
+
+
+def counters_dict(counters):
+    return {name: int(counters[index]) for name, index in COUNTER_NAMES.items()}
+
+
+def node_run_dir(args, layout):
+    return args.run_dir if layout.node_rank == 0 else os.path.join(args.run_dir, f"node{layout.node_rank}")
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, layout):
+    """Start the layout, report progress, and bring every process down when one fails or on Ctrl-C."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    args.run_dir = default_run_dir(args)
+    if not layout.master:
+        layout = layout._replace(master=f"tcp://127.0.0.1:{free_port()}")
+    frame_shape, stack, num_actions = probe_env_spec(make_atari_env_fn(args))
+    seed_everything(args.seed)
+    weights = QNet(frame_shape, stack, num_actions, args).eval()
+    shared = Shared(ctx, args, frame_shape, stack, num_actions, weights, len(layout.trainers))
+    counters = fresh_counters(args)
+    if args.resume:
+        state = load_checkpoint(args.resume)
+        weights.load_state_dict(state["acting"])
+        counters.update(state["counters"])
+        node_updates = state["updates"] // layout.num_nodes  # the batches this node's trainers trained
+        if "buffer" in state:
+            shared.buffer.load_state_dict(state["buffer"])
+            mark_cut_episodes(shared.buffer)
+        else:  # an empty buffer warms up again before training resumes
+            warm_up_again(counters, args, node_updates)
+        shared.counters[UPDATES] = shared.counters[VERSION] = node_updates
+    for name, index in COUNTER_NAMES.items():
+        shared.counters[index] = counters[name]
+    log_protocol(args, frame_shape, stack, num_actions, f"actor {layout.actor}, reanalyze {layout.reanalyze}, "
+                 f"trainers {layout.trainers} ({layout.backend}), node {layout.node_rank + 1}/{layout.num_nodes}")
+    roles = ([("actor", 0, actor_process)]
+             + [("reanalyze", i, reanalyze_process) for i in range(len(layout.reanalyze))]
+             + [("trainer", i, trainer_process) for i in range(len(layout.trainers))])
+    processes = []
+    for role, index, body in roles:
+        process = ctx.Process(target=process_entry, args=(role, index, body, args, shared, layout),
+                              name=f"{role} {index}")
+        process.start()
+        processes.append(process)
+    print("started " + ", ".join(f"{p.name} (pid {p.pid})" for p in processes), flush=True)
+    progress = Progress(args.run_dir, args)
+    progress.mark = (time.time(), *(int(shared.counters[i]) for i in (ENV_STEPS, SIMS, UPDATES)))
+    last = int(shared.counters[ENV_STEPS])
+    try:
+        while any(p.is_alive() for p in processes):
+            failed = [p for p in processes if p.exitcode not in (None, 0)]
+            if failed or not shared.errors.empty():
+                time.sleep(0.5)  # let a raising worker's report arrive
+                report_failure(shared, failed)
+                shutdown(processes)
+                sys.exit(1)
+            steps = int(shared.counters[ENV_STEPS])
+            if crossed(steps, steps - last, args.log_interval) or progress.overdue():
+                print_progress(progress, shared)
+            last = steps
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        print("interrupted: stopping all processes and saving a checkpoint", flush=True)
+        shared.counters[STOP] = 1
+        shutdown(processes, grace=60)
+        sys.exit(130)
+    failed = [p for p in processes if p.exitcode != 0]
+    if failed or not shared.errors.empty():
+        report_failure(shared, failed)
+        sys.exit(1)
+    print_progress(progress, shared)
+    return {"eval_return": float(shared.stats[EVAL_RETURN]), "env_steps": int(shared.counters[ENV_STEPS]),
+            "updates": int(shared.counters[UPDATES]), "run_dir": args.run_dir}
+
+
+def print_progress(progress, shared):
+    stats = shared.stats
+    progress.returns = [] if math.isnan(stats[RETURN]) else [float(stats[RETURN])]
+    progress.eval_return = None if math.isnan(stats[EVAL_RETURN]) else float(stats[EVAL_RETURN])
+    progress.loss = None if math.isnan(stats[LOSS]) else float(stats[LOSS])
+    progress.line(counters_dict(shared.counters), int(shared.counters[UPDATES]))
+
+
+def report_failure(shared, failed):
+    reports = []
+    while not shared.errors.empty():
+        reports.append(shared.errors.get())
+    for name, trace in reports:
+        print(f"{PROG}: error in {name}:\n{trace}", file=sys.stderr, flush=True)
+    reported = {name for name, _ in reports}
+    for p in failed:
+        if p.name not in reported:
+            how = f"killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+            print(f"{PROG}: error: {p.name} died ({how}); stopping the run", file=sys.stderr, flush=True)
+
+
+def shutdown(processes, grace=5.0):
+    """Give processes `grace` seconds to finish (they watch the STOP counter), then kill them
+    (SIGKILL: workers ignore SIGTERM, see process_entry)."""
+    deadline = time.time() + grace
+    for p in processes:
+        p.join(max(0.0, deadline - time.time()))
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Main
+# ---------------------------------------------------------------------------------------------
+class Progress:
+    """Progress lines and tensorboard curves, both keyed by env steps (CleanRL's global_step).
+    Given the run's args (the process that prints the lines), it writes the command and every
+    flag as text, so that runs can be told apart."""
+
+    def __init__(self, run_dir, args=None):
+        from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only runs need it
+        self.writer, self.args = SummaryWriter(run_dir), args
+        if args is not None:
+            self.writer.add_text("command", args.command)
+            rows = [f"|--{name.replace('_', '-')}|{value}|" for name, value in sorted(vars(args).items())
+                    if name != "command"]
+            self.writer.add_text("args", "\n".join(["|flag|value|", "|-|-|", *rows]))  # a markdown table
+        self.returns, self.eval_return, self.loss = [], None, None
+        self.mark = (time.time(), 0, 0, 0)
+
+    def overdue(self, seconds=60):
+        """True when the last line is older than `seconds`: then a line is printed anyway, so a
+        slow run (the CPU at the default settings) never looks hung."""
+        return time.time() - self.mark[0] > seconds
+
+    def scalars(self, values, step):
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, float(value), step)
+
+    def episode(self, episode_return, length, step):
+        self.returns.append(episode_return)
+        self.scalars({"charts/episode_return": episode_return, "charts/episode_length": length}, step)
+
+    def recent_return(self):
+        return float(np.mean(self.returns[-20:])) if self.returns else math.nan
+
+    def line(self, counters, updates):
+        """Print `env 48,000 | 3,900 env/s | 190.0k sims/s | 14.0 upd/s | ...` and log the rates
+        and the replay ratio held. `counters` are the progress counters (fresh_counters' names)."""
+        env_steps, sims = counters["env_steps"], counters["sims"]
+        now = time.time()
+        seconds = max(now - self.mark[0], 1e-9)
+        env_rate, sim_rate, update_rate = ((x - m) / seconds for x, m in zip((env_steps, sims, updates), self.mark[1:]))
+        self.mark = (now, env_steps, sims, updates)
+        self.scalars({"charts/env_steps_per_s": env_rate, "charts/sims_per_s": sim_rate,
+                      "charts/updates_per_s": update_rate}, env_steps)
+        ratio = replay_ratio(counters, updates, self.args)
+        if not math.isnan(ratio):
+            self.scalars({"charts/replay_ratio": ratio}, env_steps)
+        recent = self.recent_return()
+        print(" | ".join([f"env {env_steps:,}", f"{env_rate:,.0f} env/s", f"{sim_rate / 1000:,.1f}k sims/s",
+                          f"{update_rate:,.1f} upd/s", f"upd {updates:,}",
+                          "return -" if math.isnan(recent) else f"return {recent:,.1f}",
+                          "eval -" if self.eval_return is None else f"eval {self.eval_return:,.1f}",
+                          "loss -" if self.loss is None else f"loss {self.loss:.3f}"]), flush=True)
+
+    def video(self, frames, step):
+        """frames [T, H, W] or [T, H, W, C] uint8, one evaluation episode: an MP4 file under the
+        run directory, and an animated GIF in tensorboard (which cannot show MP4)."""
+        iio = video_library()
+        frames = np.repeat(frames[..., None], 3, -1) if frames.ndim == 3 else frames  # grey -> RGB
+        path = os.path.join(self.writer.get_logdir(), "videos", f"eval_{step}.mp4")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        iio.imwrite(path, frames, plugin="FFMPEG", fps=VIDEO_FPS)
+        gif = iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / VIDEO_FPS, loop=0)
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        _, height, width, colours = frames.shape
+        image = Summary.Image(height=height, width=width, colorspace=colours, encoded_image_string=gif)
+        self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag="eval/video", image=image)]), step)
+        print(f"video of an evaluation episode ({len(frames)} frames): {path}", flush=True)
+
+    def close(self):
+        self.writer.close()
+
+
+VIDEO_FPS = 15  # agent steps per second: Atari's 60 frames/s at frameskip 4, so real time
+
+
+def video_library():
+    """imageio, imported only for --capture-video: it writes MP4 through imageio-ffmpeg (which
+    ships its own ffmpeg) and the GIF through pillow (which tensorboard brings)."""
+    try:
+        import imageio.v3 as iio
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        fail("--capture-video needs imageio and imageio-ffmpeg, which are not installed: "
+             "pip install imageio imageio-ffmpeg")
+    return iio
+
+
+def default_run_dir(args):
+    return args.run_dir or os.path.join("runs", f"{args.game}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def crossed(value, step, interval):
+    """True when `value` passed a multiple of `interval` during its last increase by `step`."""
+    return value // interval > (value - step) // interval
+
+
+def make_generator(device, seed):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def rng_state(generators):
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "generators": [g.get_state() for g in generators]}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, generators):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    for g, s in zip(generators, state["generators"]):
+        g.set_state(s)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def log_protocol(args, frame_shape, stack, num_actions, placement, atari=True):
+    env = f"game {args.game}, <= {args.noop_max} no-ops, sticky {args.sticky_actions}" if atari else "env from env_fn"
+    cap = lambda frames: f"cap {frames:,} frames, " if atari else ""
+    training = (f"training: {cap(args.train_episode_frames)}"
+                f"{'a lost life ends an episode' if args.episodic_life else 'no life loss'}, "
+                f"{'clipped' if args.clip_rewards else 'raw'} rewards")
+    evaluation = (f"evaluation: {args.eval_episodes} episodes, {cap(args.max_episode_frames)}no life loss, "
+                  f"{args.eval_simulations} simulations, epsilon {args.eval_epsilon} on the root's Q, "
+                  f"final weights scored")
+    print(f"{env} | frames {frame_shape} x {stack} | {num_actions} actions | {placement} | {training} | {evaluation}",
+          flush=True)
+
+
+def search_stats(actor):
+    out = actor.last_search
+    if out is None:
+        return {}
+    p = out.policy.clamp_min(1e-12)
+    return {"search/root_value": out.root_value.mean(), "search/visit_entropy": -(p * p.log()).sum(-1).mean()}
+
+
+def run_evaluation(net, env_fn, args, device, env_steps, progress, stats=None):
+    """Evaluate, seeded by the env steps (so a checkpoint scores again exactly as its run did),
+    log the returns and, with --capture-video, the first episode's video."""
+    video = [] if args.capture_video else None
+    returns = evaluate(net, env_fn, args, device, seed=args.seed + 10_000_019 + env_steps, video=video)
+    progress.eval_return = float(returns.mean())
+    progress.scalars({"charts/eval_return": returns.mean(), "charts/eval_return_std": returns.std()}, env_steps)
+    if video:
+        progress.video(np.stack(video), env_steps)
+    if stats is not None:
+        stats[EVAL_RETURN] = float(returns.mean())
+    return returns
+
+
+def save_run(path, args, learner, acting, counters, buffer=None, exact=None):
+    """One checkpoint dict (nanoGPT): weights, target, optimiser, counters, args; with
+    --save-buffer also the buffer and, in the single process, what makes the resume exact."""
+    state = {"args": vars(args), **learner.state_dict(), "acting": acting.state_dict(), "counters": dict(counters)}
+    if args.save_buffer and buffer is not None:
+        state["buffer"] = buffer.state_dict()
+        state.update(exact or {})
+    save_checkpoint(path, state)
+
+
+def mark_cut_episodes(buffer):
+    """On a resume whose envs could not be saved, each env's last stored step ends its episode
+    like the frame cap would (truncated: it still bootstraps), and fresh episodes follow."""
+    if buffer.steps:
+        buffer.truncated[(buffer.steps - 1) % buffer.T] = True
+
+
+def picklable(envs):
+    """The envs' state as bytes when they can be pickled (Python envs), else None (ALE's C++ envs)."""
+    try:
+        return pickle.dumps(envs)
+    except Exception:
+        return None
+
+
+def train(args, env_fn=None):
+    """Single process (--num-trainers 0): act, reanalyze and train in turn with the replay ratio
+    held exactly; deterministic on CPU under --seed. `env_fn(num_envs)` may replace the Atari
+    envs (section 3's contract). Returns a summary dict."""
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    atari = env_fn is None
+    env_fn, eval_env_fn = (make_atari_env_fn(args), make_atari_env_fn(args, evaluation=True)) if atari else (env_fn, env_fn)
+    envs = env_fn(args.num_envs)
+    frame_shape, stack, num_actions = env_spec(envs)
+    net = QNet(frame_shape, stack, num_actions, args).to(device)
+    learner = Learner(net, args, device, seed=args.seed + 4)
+    acting = copy.deepcopy(net).eval()  # the published weights, which the actor and reanalyze use
+    buffer = ReplayBuffer(args.buffer_size, args.num_envs, frame_shape, num_actions, stack, args.jumps,
+                          args.td_steps, args.priority_alpha)
+    sampler, noise = make_generator("cpu", args.seed + 1), make_generator(device, args.seed + 3)
+    actor = Actor(envs, buffer, args, device, make_generator(device, args.seed + 2), args.seed)
+    generators = [sampler, actor.generator, noise, learner.generator]
+    counters = fresh_counters(args)
+    run_dir = default_run_dir(args)
+    if args.resume:
+        envs = resume(args.resume, learner, acting, counters, buffer, actor, generators, envs)
+    log_protocol(args, frame_shape, stack, num_actions, f"single process on {device}", atari)
+    progress = Progress(run_dir, args)
+    progress.mark = (time.time(), counters["env_steps"], counters["sims"], learner.updates)
+    E, B = args.num_envs, args.batch_size_per_worker
+
+    def save(path):
+        exact = {"actor": actor.state_dict(), "rng": rng_state(generators), "envs": picklable(envs)}
+        save_run(path, args, learner, acting, counters, buffer, exact)
+
+    def update(env_steps):
+        """Sample, refresh the first --reanalyze-fraction of the batch, train, reprioritise, publish."""
+        time_, env, weights, td_steps = sample_batch(buffer, args, env_steps, sampler)
+        refresh = round(args.reanalyze_fraction * B)
+        if refresh and args.num_simulations:
+            counters["sims"] += reanalyze(acting, buffer, time_[:refresh], env[:refresh], args, device, noise)
+            counters["reanalyzed_sequences"] += refresh
+        seq = Sequences(*(x.to(device) for x in buffer.window(time_, env)))
+        metrics, priorities = learner.train_step(seq, time_, env, weights.to(device), td_steps)
+        buffer.update_priorities(time_, env, priorities.cpu())
+        if learner.updates % args.publish_interval == 0:
+            acting.load_state_dict(net.state_dict())
+        return metrics
+
+    metrics = {}
+    try:
+        while counters["env_steps"] < args.total_env_steps:
+            for episode_return, length in actor.step(acting, epsilon_schedule(args, counters["env_steps"])):
+                progress.episode(episode_return, length, counters["env_steps"])
+            counters["env_steps"] += E
+            counters["sims"] += E * args.num_simulations
+            steps, final = counters["env_steps"], counters["env_steps"] >= args.total_env_steps
+            while learner.updates < updates_allowed(steps, counters["start_steps"], counters["base_updates"], args):
+                metrics = update(steps)
+                if progress.overdue():
+                    progress.loss = float(metrics["losses/total"])
+                    progress.line(counters, learner.updates)
+            if (args.eval_interval and crossed(steps, E, args.eval_interval)) or final:
+                run_evaluation(net.eval(), eval_env_fn, args, device, steps, progress)
+            if crossed(steps, E, args.log_interval) or final:
+                progress.loss = float(metrics["losses/total"]) if metrics else None
+                # the acting copy holds the weights of the last multiple of --publish-interval
+                staleness = {"charts/weights_staleness": learner.updates % args.publish_interval}
+                progress.scalars({**metrics, **search_stats(actor), **staleness}, steps)
+                progress.line(counters, learner.updates)
+            elif progress.overdue():
+                progress.line(counters, learner.updates)
+            if crossed(steps, E, args.checkpoint_interval) or final:
+                save(os.path.join(run_dir, "checkpoint.pt"))
+                if args.keep_checkpoints and not final:
+                    save(os.path.join(run_dir, f"checkpoint_{steps}.pt"))
+    except KeyboardInterrupt:
+        save(os.path.join(run_dir, "checkpoint.pt"))
+        print(f"interrupted: checkpoint saved to {run_dir}/checkpoint.pt", flush=True)
+        raise
+    progress.close()
+    envs.close()
+    return {"eval_return": progress.eval_return, "env_steps": counters["env_steps"], "updates": learner.updates,
+            "run_dir": run_dir, "net": net}
+
+
+def resume(path, learner, acting, counters, buffer, actor, generators, envs):
+    """Restore a checkpoint into a fresh single-process run. With a saved buffer and picklable
+    envs the run continues exactly; with C++ envs the running episodes are cut and fresh ones
+    start; without a buffer, it warms up again before training resumes."""
+    state = load_checkpoint(path)
+    learner.load_state_dict(state)
+    acting.load_state_dict(state["acting"])
+    counters.update(state["counters"])
+    if "buffer" not in state:
+        warm_up_again(counters, learner.args, learner.updates)
+        actor.reset(learner.args.seed + counters["env_steps"])
+        return envs
+    buffer.load_state_dict(state["buffer"])
+    set_rng_state(state["rng"], generators)
+    if state.get("envs") is None:
+        mark_cut_episodes(buffer)
+        actor.reset(learner.args.seed + counters["env_steps"])
+        return envs
+    envs.close()
+    envs = actor.envs = pickle.loads(state["envs"])
+    actor.load_state_dict(state["actor"])
+    return envs
+
+
+def evaluate_checkpoint(args, env_fn=None):
+    """--evaluate: score a checkpoint's final weights with its run's evaluation protocol and
+    seed (so the run's last evaluation repeats exactly when nothing is overridden); print the
+    statistics of the returns and write them as JSON beside the checkpoint. Tensorboard events
+    (and --capture-video's video) go to <checkpoint dir>/evaluate. `env_fn` as in train()."""
+    device = resolve_device(args.device)
+    atari = env_fn is None
+    env_fn = make_atari_env_fn(args, evaluation=True) if atari else env_fn
+    frame_shape, stack, num_actions = probe_env_spec(env_fn)
+    state = load_checkpoint(args.evaluate, "--evaluate")
+    net = QNet(frame_shape, stack, num_actions, args)
+    try:
+        net.load_state_dict(state["net"])
+    except Exception as error:  # torch names every bad tensor on a line of its own
+        fail(f"--evaluate {args.evaluate}: the saved weights do not fit the network its flags describe "
+             f"({' '.join(str(error).split())[:300]})")
+    net.to(device).eval()
+    steps = state["counters"]["env_steps"]
+    log_protocol(args, frame_shape, stack, num_actions, f"evaluating {args.evaluate} (env step {steps:,}) on {device}",
+                 atari)
+    progress = Progress(os.path.join(os.path.dirname(os.path.abspath(args.evaluate)), "evaluate"), args)
+    returns = run_evaluation(net, env_fn, args, device, steps, progress)
+    progress.close()
+    result = {"checkpoint": args.evaluate, "env_steps": steps, "episodes": len(returns),
+              "simulations": args.eval_simulations, "mean": float(returns.mean()), "std": float(returns.std()),
+              "min": float(returns.min()), "max": float(returns.max()), "returns": returns.tolist()}
+    path = os.path.splitext(args.evaluate)[0] + "_eval.json"
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"return over {len(returns)} episodes: mean {result['mean']:,.1f} | std {result['std']:,.1f} | "
+          f"min {result['min']:,.1f} | max {result['max']:,.1f} (written to {path})", flush=True)
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it; no effect on CPU
+    if args.evaluate:  # before plan_layout: an evaluation runs in this process, whatever the run's layout
+        return evaluate_checkpoint(args)
+    layout = plan_layout(args)
+    # SIGTERM (a cluster scheduler's preemption, or torchrun stopping its workers) stops the run
+    # the way Ctrl-C does: every process stops and a checkpoint is written.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        if layout is None:
+            train(args)
+        else:
+            launch(args, layout)
+    except NonFiniteError as error:
+        fail(f"{error}; the last checkpoint is untouched")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
