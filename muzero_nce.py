@@ -165,6 +165,10 @@ def build_parser():
                    help="puct: MuZero's pUCT with Dirichlet noise, visit counts as the policy target; gumbel: Gumbel "
                         "MuZero (Sequential Halving over Gumbel-sampled root actions, the improved policy as the "
                         "target), which keeps improving the policy with a few simulations")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="run pUCT's tree steps through torch.compile (2-4x faster tree ops; compiling takes seconds "
+                        "once per process and batch shape). Default: on with CUDA, off on a CPU, where the "
+                        "network's calls are nearly all of a run")
     g.add_argument("--c1", type=non_negative_float, default=1.25, help="pUCT exploration constant")
     g.add_argument("--c2", type=positive_float, default=19652.0, help="pUCT visit-count scale (MuZero's c2)")
     g.add_argument("--discount", type=fraction, default=0.997 ** 4,
@@ -766,16 +770,29 @@ def descend(tree, roots, choose):
         rows = torch.where(active, child, rows)
 
 
+def put(tensor, index, values, accumulate=False):
+    """tensor[index] = values, or += with repeated indices summed (accumulate). Ints in the
+    index become tensors: the compiled path writes in place through tensor indices, where a
+    write through a view (an int index, a reshape) would copy the whole tree each time."""
+    index = tuple(i if torch.is_tensor(i) else torch.full((), i, device=tensor.device) for i in index)
+    tensor.index_put_(index, values, accumulate=accumulate)
+
+
 def expand(tree, sim, leaf, action, reward, value, logits, embedding):
-    """Make node `sim` of every tree the child of the node rows `leaf` [B] through `action`."""
+    """Make node `sim` (an int, or a 0-d tensor) of every tree the child of the node rows
+    `leaf` [B] through `action` [B]."""
     B, N, _, A = tree.edges.shape
-    tree.children.view(-1)[leaf * A + action] = leaf - leaf % N + sim
-    tree.edges.view(-1)[leaf * 4 * A + REWARD * A + action] = reward
-    tree.nodes[:, sim, REWARD] = reward
-    tree.nodes[:, sim, PRIOR] = tree.edges.view(-1)[leaf * 4 * A + PRIOR * A + action]
-    tree.edges[:, sim, PRIOR] = torch.softmax(logits.float(), -1)
-    tree.embedding[:, sim] = embedding
-    tree.values[:, sim] = value
+    b = torch.arange(B, device=leaf.device)
+    node = leaf % N                                                              # [B] the leaf's index in its tree
+    put(tree.children, (b, node, action), b * N + sim)
+    put(tree.edges, (b, node, REWARD, action), reward)
+    put(tree.edges, (b, sim, PRIOR), torch.softmax(logits.float(), -1))
+    put(tree.embedding, (b, sim), embedding)
+    put(tree.values, (b, sim), value)
+    put(tree.nodes, (b, sim, REWARD), reward)
+    # read after the writes to the edges: read before them, the compiled step keeps the old edges
+    # alive, a copy of the whole tree's edges per simulation
+    put(tree.nodes, (b, sim, PRIOR), tree.edges[b, node, PRIOR, action])
 
 
 def discount_matrix(size, discount, device):
@@ -795,22 +812,25 @@ def backup(tree, path, actions, depth, new_rows, value, discount, discounts):
     on_path = position <= leaf_depth                                             # [B, D+1]
     rows = torch.cat([path, path[:, :1]], 1)
     rows = torch.where(position == leaf_depth, new_rows[:, None], torch.where(on_path, rows, rows[:, :1]))
-    nodes = tree.nodes.view(B * N, 4)
-    rewards = nodes[:, REWARD].index_select(0, rows.view(-1)).view(B, D + 1) * on_path
+    b, node = torch.arange(B, device=path.device)[:, None], rows % N             # [B, 1], [B, D+1]
+    rewards = tree.nodes[b, node, REWARD] * on_path
     # the return seen from depth d: sum_{m>d} discount^(m-d-1) r_m + discount^(L-d) v, all d at once
-    returns = rewards @ discounts[:D + 1, :D + 1].T + discount ** (leaf_depth - position).clamp(min=0) * value[:, None]
+    # (a product-sum rather than a matmul, which the compiled path fuses instead of calling BLAS)
+    returns = (rewards[:, None, :] * discounts[:D + 1, :D + 1]).sum(-1)
+    returns = returns + discount ** (leaf_depth - position).clamp(min=0) * value[:, None]            # [B, D+1]
     returns, visits = returns * on_path, on_path.to(returns.dtype)
     zeros = torch.zeros_like(returns)
-    nodes.index_add_(0, rows.view(-1), torch.stack([zeros, visits, returns, zeros], -1).view(-1, 4))
-    edge = path * 4 * A + actions                                                # the edge from depth d to d+1
-    tree.edges.view(-1).index_add_(0, (edge + VISITS * A).view(-1), visits[:, 1:].reshape(-1))
-    tree.edges.view(-1).index_add_(0, (edge + VALUE_SUM * A).view(-1), returns[:, 1:].reshape(-1))
-    stats = nodes.index_select(0, rows.view(-1)).view(B, D + 1, 4)
+    # accumulate: past the depth, a path repeats its root, which gets 0 each time
+    put(tree.nodes, (b, node), torch.stack([zeros, visits, returns, zeros], -1), accumulate=True)
+    stat = torch.arange(VISITS, VALUE_SUM + 1, device=path.device)[:, None, None]  # [2, 1, 1]: VISITS, VALUE_SUM
+    edge = (b, path % N, stat, actions)                                          # the edges from depth d to d+1
+    put(tree.edges, edge, torch.stack([visits[:, 1:], returns[:, 1:]]), accumulate=True)
+    stats = tree.nodes[b, node]                                                  # [B, D+1, 4]
     q = stats[..., REWARD] + discount * stats[..., VALUE_SUM] / stats[..., VISITS].clamp(min=1)
     is_edge = on_path & (position > 0)                                           # the root has no edge into it
     low = torch.where(is_edge, q, math.inf).amin(1)
     high = torch.where(is_edge, q, -math.inf).amax(1)
-    tree.bounds = torch.stack([torch.minimum(tree.bounds[:, 0], low), torch.maximum(tree.bounds[:, 1], high)], 1)
+    tree.bounds.copy_(torch.stack([torch.minimum(tree.bounds[:, 0], low), torch.maximum(tree.bounds[:, 1], high)], 1))
 
 
 def select_action(weights, temperature, generator=None):
@@ -850,11 +870,12 @@ def simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, d
 @torch.no_grad()
 def search(root_logits, root_value, root_embedding, recurrent_fn, num_simulations, *, discount=0.997,
            c1=1.25, c2=19652.0, min_q_span=0.01, dirichlet_alpha=0.3, dirichlet_fraction=0.25, temperature=0.0,
-           generator=None):
+           generator=None, compile=True):
     """Batched MCTS. root_logits [B, A], root_value [B], root_embedding [B, ...];
     recurrent_fn(embedding, action) -> (reward [B], value [B], logits [B, A], next embedding).
     With 0 simulations the policy is the (noised) prior itself. With dirichlet_fraction=0 the
-    result is deterministic. temperature=0 plays the most visited action."""
+    result is deterministic. temperature=0 plays the most visited action. compile=False takes
+    the eager path (simulate); compile=True the compiled one, which grows the same trees."""
     prior = torch.softmax(root_logits.float(), -1)
     if dirichlet_fraction > 0:
         prior = dirichlet_noise(prior, dirichlet_alpha, dirichlet_fraction, generator)
@@ -865,14 +886,122 @@ def search(root_logits, root_value, root_embedding, recurrent_fn, num_simulation
     # counters, view tracking): a fifth of the search's time at B = 64, where small ops dominate.
     with torch.inference_mode():
         explore = exploration_table(num_simulations + 1, c1, c2, prior.device)
-        walk = lambda tree, roots, sim: select(tree, roots, discount, explore, min_q_span)
-        tree = simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount, walk)
+        if compile:
+            tree = compiled_simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount,
+                                     explore, min_q_span)
+        else:
+            walk = lambda tree, roots, sim: select(tree, roots, discount, explore, min_q_span)
+            tree = simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount, walk)
         visit_counts = tree.edges[:, 0, VISITS]
         root_value = tree.nodes[:, 0, VALUE_SUM] / tree.nodes[:, 0, VISITS]
     # cloned outside inference mode they are normal tensors, fit to be training targets
     visit_counts, root_value = visit_counts.clone(), root_value.clone()
     return SearchOutput(visit_counts, visit_counts / visit_counts.sum(-1, keepdim=True), root_value,
                         select_action(visit_counts, temperature, generator), tree)
+
+# The compiled path. Eagerly, a simulation makes about 30 small tensor ops per level of the
+# descent and about 100 for expand and backup. Each op pays the dispatcher on a CPU and a kernel
+# launch on a GPU, and at small batches that overhead, not the arithmetic, is the search.
+# torch.compile fuses each step into a few kernels (C++ built by gcc on a CPU, Triton on a GPU).
+# The steps are the functions above; what changes is how they are called, so that one graph
+# serves every simulation of a search:
+# - `walk_levels` takes DESCEND_LEVELS levels of select's walk per call without looking (a
+#   tree that reached its leaf stays put), so one host sync, "is any tree still going down?",
+#   usually covers a simulation's whole walk. Paths come padded to a multiple of DESCEND_LEVELS,
+#   which backup allows (past the depth, a path repeats its leaf).
+# - the node index goes in as a 0-d tensor, not an int, which the graph would specialise on;
+# - the end of a simulation (expand and backup) and the first levels of the next walk are one call.
+# The eager path above stays the reference; the tests check that both grow the same trees.
+DESCEND_LEVELS = 4
+
+
+def walk_levels(tree, rows, active, discount, explore, min_span, levels):
+    """`levels` levels of select's walk from the node rows [B] of the trees still `active` [B].
+    Returns the rows visited and the actions taken there [B, levels], the levels each tree went
+    down [B], the rows and active flags reached [B], and whether any tree is still active."""
+    scale, shift = q_normaliser(tree.bounds, min_span)
+    children, A = tree.children.view(-1), tree.children.shape[-1]
+    path, actions, went = [], [], []
+    for _ in range(levels):
+        action = puct_scores(tree, rows, discount, explore, scale, shift).argmax(1)  # ties: lowest index
+        child = children.index_select(0, rows * A + action)
+        active = active & (child >= 0)
+        path.append(rows), actions.append(action), went.append(active)
+        rows = torch.where(active, child, rows)
+    return torch.stack(path, 1), torch.stack(actions, 1), torch.stack(went, 1).sum(1), rows, active, active.any()
+
+
+def end_simulation(tree, sim, path, actions, depth, reward, value, logits, embedding, roots, discount, discounts,
+                   explore, min_span):
+    """Expand and back up simulation `sim`'s new leaves, then walk the next simulation's first levels."""
+    expand(tree, sim, path[:, -1], actions[:, -1], reward, value, logits, embedding)
+    backup(tree, path, actions, depth, roots + sim, value, discount, discounts)
+    return walk_levels(tree, roots, torch.ones_like(roots, dtype=torch.bool), discount, explore, min_span,
+                       DESCEND_LEVELS)
+
+
+class Compiled:
+    """A step through torch.compile with static shapes: one graph per shape of the trees (and of
+    the path), built at its first call, which says how long that took. If compiling fails (no C++
+    compiler, an inductor bug), one warning line, and from then on every search runs the step
+    eagerly: slower, the same trees."""
+    failure = None  # the first error, process-wide
+
+    def __init__(self, step):
+        self.step, self.compiled, self.shapes = step, None, set()
+
+    def __call__(self, tree, *args):
+        if Compiled.failure is not None:
+            return self.step(tree, *args)
+        try:
+            if self.compiled is None:
+                # one thread: the steps' kernels work on a few hundred numbers, far too few to split
+                self.compiled = torch.compile(self.step, dynamic=False, options={"cpp.threads": 1})
+                # a run has a few shapes (acting, evaluating, reanalysing); a benchmark has more
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            shape = (*tree.edges.shape, *tree.embedding.shape[2:], args[1].shape[-1])
+            if shape in self.shapes:
+                return self.compiled(tree, *args)
+            start = time.perf_counter()
+            out = self.compiled(tree, *args)
+            self.shapes.add(shape)
+            print(f"search: compiled {self.step.__name__} for trees {tuple(tree.edges.shape[:2])} in "
+                  f"{time.perf_counter() - start:.1f} s (once per shape and process)", flush=True)
+            return out
+        except Exception as error:  # compile errors surface at the first call, before any write
+            Compiled.failure = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+            print(f"warning: torch.compile failed, the search runs eagerly ({Compiled.failure})", file=sys.stderr,
+                  flush=True)
+            return self.step(tree, *args)
+
+
+COMPILED_WALK, COMPILED_END = Compiled(walk_levels), Compiled(end_simulation)
+
+
+def compiled_simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount, explore, min_span):
+    """simulate with pUCT's select, through the compiled steps. Returns the Tree."""
+    B, A = prior.shape
+    N = num_simulations + 1
+    tree = init_tree(prior, root_value, root_embedding, N)
+    discounts = discount_matrix(N + DESCEND_LEVELS, discount, prior.device)   # paths padded by up to DESCEND_LEVELS
+    roots = torch.arange(B, device=prior.device) * N                           # node rows of the roots
+    node = torch.arange(N, device=prior.device)                                # node i as a 0-d tensor: node[i]
+    embeddings = tree.embedding.view((B * N,) + tree.embedding.shape[2:])
+    walked = COMPILED_WALK(tree, roots, torch.ones_like(roots, dtype=torch.bool), discount, explore, min_span,
+                           DESCEND_LEVELS)
+    for sim in range(1, N):
+        path, actions, depth, rows, active, deeper = walked
+        while deeper:  # one host sync per DESCEND_LEVELS levels
+            more_path, more_actions, more_depth, rows, active, deeper = COMPILED_WALK(
+                tree, rows, active, discount, explore, min_span, DESCEND_LEVELS)
+            path, actions = torch.cat([path, more_path], 1), torch.cat([actions, more_actions], 1)
+            depth = depth + more_depth
+        reward, value, logits, embedding = recurrent_fn(embeddings.index_select(0, path[:, -1]), actions[:, -1])
+        # graphs for paths of one and two walks; a deeper one (rare) ends eagerly
+        end = COMPILED_END if path.shape[1] <= 2 * DESCEND_LEVELS else end_simulation
+        walked = end(tree, node[sim], path, actions, depth, reward.float(), value.float(), logits, embedding, roots,
+                     discount, discounts, explore, min_span)
+    return tree
 
 
 # Gumbel MuZero (Danihelka et al. 2022, "Policy improvement by planning with Gumbel") on the
@@ -1248,11 +1377,12 @@ def muzero_losses(outputs, targets, target_projections, same_episode, args, supp
 # ---------------------------------------------------------------------------------------------
 # 8. Acting, reanalyze, training step: what the process loops of section 9 call
 # ---------------------------------------------------------------------------------------------
-def run_search(net, obs, args, num_simulations, temperature=0.0, noise=False, generator=None):
+def run_search(net, obs, args, num_simulations, temperature=0.0, noise=False, generator=None, compile=True):
     """initial_inference on observations [B, S*C, H, W], then the batched search (--search).
     `noise` is the root's Dirichlet noise (pUCT) or Gumbel noise (Gumbel). Gumbel MuZero plays
     the Sequential Halving winner: its Gumbel noise already samples the move, so `temperature`
-    (pUCT's visit-count temperature) does not apply to it."""
+    (pUCT's visit-count temperature) does not apply to it. pUCT takes the compiled path where
+    --compile (by default: on CUDA) and the caller (`compile`) allow it."""
     latent, policy_logits, value_logits = net.initial_inference(obs)
     value = support_to_scalar(value_logits, net.support_size)
     if args.search == "gumbel":
@@ -1264,7 +1394,8 @@ def run_search(net, obs, args, num_simulations, temperature=0.0, noise=False, ge
     out = search(policy_logits, value, latent, make_recurrent_fn(net), num_simulations, discount=args.discount,
                  c1=args.c1, c2=args.c2, min_q_span=args.min_q_span, dirichlet_alpha=args.dirichlet_alpha,
                  dirichlet_fraction=args.dirichlet_fraction if noise else 0.0, temperature=temperature,
-                 generator=generator)
+                 generator=generator, compile=compile and (args.compile if args.compile is not None
+                                                           else obs.device.type == "cuda"))
     return out, value
 
 
@@ -1351,7 +1482,9 @@ def evaluate(net, env_fn, args, device, seed, video=None):
         if video is not None and not done[0]:
             video.append(np.array(obs[0, -1]))  # a copy: vector envs may reuse their observation buffer
         playing = torch.as_tensor(~done)
-        out, _ = run_search(net, observation_tensor(obs)[playing].to(device), args, args.eval_simulations)
+        # compiled while every env plays: each smaller batch of the tail would be a graph to compile
+        out, _ = run_search(net, observation_tensor(obs)[playing].to(device), args, args.eval_simulations,
+                            compile=bool(playing.all()))
         action = np.zeros(args.eval_episodes, dtype=np.int64)
         action[~done] = out.action.cpu().numpy()
         obs, reward, terminal, truncated, _ = envs.step(action)
@@ -1383,8 +1516,9 @@ def reanalyze(net, buffer, time, env, args, device, generator=None):
     network's current favourite and starve exploration. Returns the simulations run."""
     seq = buffer.window(time, env)
     obs = stack_observations(seq.frames, seq.episode_step, buffer.stack).flatten(0, 1)   # [B*(K+n+1), S*C, H, W]
+    chunks = obs.chunk(-(-obs.shape[0] // REANALYZE_CHUNK))  # equal chunks: one shape, one compiled graph
     results = [run_search(net, chunk.to(device), args, args.num_simulations, noise=True, generator=generator)
-               for chunk in obs.split(REANALYZE_CHUNK)]
+               for chunk in chunks]
     policy = torch.cat([out.policy for out, _ in results]).cpu()
     root_value = torch.cat([out.root_value for out, _ in results]).cpu()
     value = torch.cat([v for _, v in results]).cpu()

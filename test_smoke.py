@@ -182,6 +182,7 @@ def roots_for(model, batch, seed):
 
 def run_table_search(model, roots, sims, **kw):
     kw.setdefault("dirichlet_fraction", 0.0)
+    kw.setdefault("compile", False)  # the eager path is the reference; the compiled one is checked against it
     return M.search(model.logits[roots], model.value[roots], roots, model.recurrent_fn, sims, **kw)
 
 
@@ -248,10 +249,78 @@ def test_search_rows_are_independent():
         logits, value = model.logits[changed].clone(), model.value[changed].clone()
         value[1:] += 5.0
         logits[1:] = -logits[1:]
-        out_c = M.search(logits, value, changed, model.recurrent_fn, sims, discount=0.99, dirichlet_fraction=0.0)
+        out_c = M.search(logits, value, changed, model.recurrent_fn, sims, discount=0.99, dirichlet_fraction=0.0,
+                         compile=False)
         assert torch.equal(out_c.visit_counts[0], out.visit_counts[0])
         assert out_c.action[0] == out.action[0]
         torch.testing.assert_close(out_c.root_value[0], out.root_value[0], rtol=1e-6, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2b. the compiled search grows the eager search's trees
+# ---------------------------------------------------------------------------------------------
+def deep_table_model(seed):
+    """A table model whose prior all but forces action 0: paths grow deeper than two of the
+    compiled walk's steps (2 x DESCEND_LEVELS levels), where the compiled path ends eagerly."""
+    model = TableModel(40, 4, seed)
+    model.logits[:, 0] += 8.0
+    return model
+
+
+@pytest.mark.parametrize("kind", ["random", "deep"])
+def test_compiled_search_grows_the_same_trees(kind):
+    """Two shapes only: each compiles its graphs (a few seconds each)."""
+    model = TableModel(40, 4, 7) if kind == "random" else deep_table_model(8)
+    batch, sims, discount = (3, 24, 0.997) if kind == "random" else (2, 20, 0.9)
+    roots = roots_for(model, batch, 9)
+    eager = run_table_search(model, roots, sims, discount=discount)
+    compiled = run_table_search(model, roots, sims, discount=discount, compile=True)
+    depth = M.descend(eager.tree, torch.arange(batch) * (sims + 1), lambda rows, level: torch.zeros_like(rows))[2]
+    if kind == "deep":
+        assert depth.max() > 2 * M.DESCEND_LEVELS  # the eager end of a deep path is exercised
+    assert torch.equal(compiled.tree.children, eager.tree.children)
+    assert torch.equal(compiled.visit_counts, eager.visit_counts)
+    assert torch.equal(compiled.action, eager.action)
+    for field in ("nodes", "edges", "bounds", "values"):  # fused arithmetic: equal up to rounding
+        torch.testing.assert_close(getattr(compiled.tree, field), getattr(eager.tree, field), rtol=1e-5, atol=1e-5)
+    for b in range(batch):  # and the plain reference, visit for visit
+        r = int(roots[b])
+        counts, value = reference_search(model, r, model.root_prior(r), float(model.value[r]), sims, discount,
+                                         1.25, 19652.0)
+        assert compiled.visit_counts[b].long().tolist() == counts, f"row {b}"
+        assert float(compiled.root_value[b]) == pytest.approx(value, abs=1e-4, rel=1e-5), f"row {b}"
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, capsys):
+    """Without a working compiler (here: torch.compile raising), one warning line and the eager trees."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(M.Compiled, "failure", None)
+    monkeypatch.setattr(M, "COMPILED_WALK", M.Compiled(M.walk_levels))
+    monkeypatch.setattr(M, "COMPILED_END", M.Compiled(M.end_simulation))
+    model = TableModel(40, 4, 3)
+    roots = roots_for(model, 3, 4)
+    out = run_table_search(model, roots, 12, compile=True)
+    assert "torch.compile failed, the search runs eagerly (RuntimeError: no C++ compiler)" in capsys.readouterr().err
+    assert torch.equal(out.visit_counts, run_table_search(model, roots, 12).visit_counts)
+
+
+def test_run_search_takes_the_compiled_path_where_asked(monkeypatch):
+    """--compile, --no-compile, and the default (CUDA only), through run_search: a spy records the path."""
+    taken = []
+    real = M.compiled_simulate
+    monkeypatch.setattr(M, "compiled_simulate", lambda *a, **k: taken.append(True) or real(*a, **k))
+    monkeypatch.setattr(M.Compiled, "failure", "off in this test: the spy only records the path")
+    net = M.MuZeroNet((3, 8, 8), 2, 3, M.parse_args(["--channels", "4", "--support-size", "3", "--no-nce"])).eval()
+    obs = torch.randint(0, 256, (2, 6, 8, 8), dtype=torch.uint8)
+    for flags, expected in (([], False), (["--compile"], True), (["--no-compile"], False)):
+        taken.clear()
+        args = M.parse_args(["--channels", "4", "--support-size", "3", "--no-nce", *flags])
+        with torch.no_grad():
+            M.run_search(net, obs, args, 3)
+            M.run_search(net, obs, args, 3, compile=False)  # evaluate's tail: never compiled
+        assert taken == [True] * expected, flags
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +331,7 @@ def search_loop_checked(model, roots, sims, discount, c1=1.25, c2=19652.0):
     these are the same tree after each simulation) and check every tree. Returns the last."""
     for sim in range(1, sims + 1):
         out = M.search(model.logits[roots], model.value[roots], roots, model.recurrent_fn, sim, discount=discount,
-                       c1=c1, c2=c2, dirichlet_fraction=0.0)
+                       c1=c1, c2=c2, dirichlet_fraction=0.0, compile=False)
         check_tree(out.tree, model, roots, model.value[roots].float(), sim, discount)
     return out.tree
 

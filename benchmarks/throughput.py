@@ -100,10 +100,11 @@ def table_model(device, S=4096, A=9):
 
 
 def bench_search(device, repeats, sync):
-    """Simulations per second of muzero_nce's pUCT `search` and `gumbel_search` on a lookup-table
-    model (the searches' own cost; with mctx installed, mctx's muzero_policy and
-    gumbel_muzero_policy on the same work beside them), then of pUCT on the default network
-    (B trees of ms_pacman-sized latents)."""
+    """Simulations per second of muzero_nce's pUCT `search` (eager and compiled) and
+    `gumbel_search` on a lookup-table model (the searches' own cost; with mctx installed,
+    mctx's muzero_policy and gumbel_muzero_policy on the same work beside them), then of pUCT
+    on the default network (B trees of ms_pacman-sized latents), eager and compiled. The
+    warm-up call pays each shape's compile."""
     S = 4096
     rng, nxt, rew, val, logit = table_model(device, S)
     generator = muzero_nce.make_generator(device, 0)
@@ -112,27 +113,31 @@ def bench_search(device, repeats, sync):
         n = nxt[emb, action]
         return rew[emb, action], val[n], logit[n], n
 
-    print(f"{'model':>8} {'B':>5} {'sims':>5} {'pUCT sims/s':>12} {'Gumbel sims/s':>14} "
+    print(f"{'model':>8} {'B':>5} {'sims':>5} {'pUCT eager':>11} {'pUCT compiled':>14} {'Gumbel':>9} "
           f"{'mctx pUCT':>10} {'mctx Gumbel':>12}")
     for B in (16, 64, 256):
         for sims in (16, 50):
             roots = torch.as_tensor(rng.integers(0, S, B), device=device)
-            puct = lambda: muzero_nce.search(logit[roots], val[roots], roots, table, sims, dirichlet_fraction=0.0)
+            puct = [lambda compile=compile: muzero_nce.search(logit[roots], val[roots], roots, table, sims,
+                                                              dirichlet_fraction=0.0, compile=compile)
+                    for compile in (False, True)]
             gumbel = lambda: muzero_nce.gumbel_search(logit[roots], val[roots], roots, table, sims, generator=generator)
-            rates = [B * sims / median_time(run, repeats, sync) for run in (puct, gumbel)]
+            rates = [B * sims / median_time(run, repeats, sync) for run in (*puct, gumbel)]
             for is_gumbel in (False, True):
                 run = mctx_timer((nxt, rew, val, logit), roots, sims, is_gumbel)
                 rates.append(math.nan if run is None else B * sims / median_time(run, repeats, lambda: None))
-            print(f"{'table':>8} {B:>5} {sims:>5} {rates[0]:>12,.0f} {rates[1]:>14,.0f} {rates[2]:>10,.0f} "
-                  f"{rates[3]:>12,.0f}")
-    args = default_args()
-    net = muzero_nce.MuZeroNet((3, 96, 96), 4, 9, args).to(device).eval()
+            print(f"{'table':>8} {B:>5} {sims:>5} {rates[0]:>11,.0f} {rates[1]:>14,.0f} {rates[2]:>9,.0f} "
+                  f"{rates[3]:>10,.0f} {rates[4]:>12,.0f}")
+    net = muzero_nce.MuZeroNet((3, 96, 96), 4, 9, default_args()).to(device).eval()
     for B in (64, 256):
         obs = torch.randint(0, 256, (B, 12, 96, 96), dtype=torch.uint8, device=device)
-        run = lambda: muzero_nce.run_search(net, obs, args, 50)
-        with torch.no_grad():
-            seconds = median_time(run, max(1, repeats // 3), sync)
-        print(f"{'network':>8} {B:>5} {50:>5} {B * 50 / seconds:>12,.0f}")
+        rates = []
+        for flag in ("--no-compile", "--compile"):
+            args = default_args(flag)
+            with torch.no_grad():
+                rates.append(B * 50 / median_time(lambda: muzero_nce.run_search(net, obs, args, 50),
+                                                  max(1, repeats // 3), sync))
+        print(f"{'network':>8} {B:>5} {50:>5} {rates[0]:>11,.0f} {rates[1]:>14,.0f}")
 
 
 def make_actor(device, num_envs=64, sims=50):
