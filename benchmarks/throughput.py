@@ -90,13 +90,18 @@ def mctx_timer(tables, roots, sims, gumbel):
 
 
 def table_model(device, S=4096, A=9):
-    """A random lookup-table model of S states and A actions: the next-state, reward, value and
-    logits tables (q_search reads the logits table as the Q head), and the rng that drew them."""
+    """A random lookup-table model of S states and A actions: the rng that drew it, the
+    next-state, reward, value and logits tables (q_search reads the logits table as the Q head),
+    and `search`'s recurrent_fn over them."""
     rng = np.random.default_rng(0)
     nxt = torch.as_tensor(rng.integers(0, S, (S, A)), device=device)
     rew, val, logit = (torch.as_tensor(rng.normal(0, 1, shape).astype(np.float32), device=device)
                        for shape in ((S, A), S, (S, A)))
-    return rng, nxt, rew, val, logit
+
+    def recurrent_fn(emb, action):
+        n = nxt[emb, action]
+        return rew[emb, action], val[n], logit[n], n
+    return rng, nxt, rew, val, logit, recurrent_fn
 
 
 def bench_search(device, repeats, sync):
@@ -106,13 +111,8 @@ def bench_search(device, repeats, sync):
     on the default network (B trees of ms_pacman-sized latents), eager and compiled. The
     warm-up call pays each shape's compile."""
     S = 4096
-    rng, nxt, rew, val, logit = table_model(device, S)
+    rng, nxt, rew, val, logit, table = table_model(device, S)
     generator = muzero_nce.make_generator(device, 0)
-
-    def table(emb, action):
-        n = nxt[emb, action]
-        return rew[emb, action], val[n], logit[n], n
-
     print(f"{'model':>8} {'B':>5} {'sims':>5} {'pUCT eager':>11} {'pUCT compiled':>14} {'Gumbel':>9} "
           f"{'mctx pUCT':>10} {'mctx Gumbel':>12}")
     for B in (16, 64, 256):
@@ -155,13 +155,9 @@ def bench_qsearch(device, repeats, sync):
     """Simulations per second of q_learning.q_search (UCB1 over Q-vector nodes) beside
     muzero_nce.search (pUCT) on the same lookup-table model, whose logits table serves as the Q
     head. The two are timed in turns, so a busy machine slows both alike; the ratio is the
-    figure to compare across machines."""
+    figure to compare across machines. Both run eagerly (q_search has no compiled path)."""
     S = 4096
-    rng, nxt, rew, val, logit = table_model(device, S)
-
-    def table(emb, action):
-        n = nxt[emb, action]
-        return rew[emb, action], val[n], logit[n], n
+    rng, nxt, rew, val, logit, table = table_model(device, S)
 
     def q_table(emb, action):
         n = nxt[emb, action]
@@ -172,7 +168,7 @@ def bench_qsearch(device, repeats, sync):
         for sims in (16, 50):
             roots = torch.as_tensor(rng.integers(0, S, B), device=device)
             runs = {"search": lambda: muzero_nce.search(logit[roots], val[roots], roots, table, sims,
-                                                        dirichlet_fraction=0.0),
+                                                        dirichlet_fraction=0.0, compile=False),
                     "q_search": lambda: q_learning.q_search(logit[roots], roots, q_table, sims)}
             times = {name: [] for name in runs}
             for run in runs.values():  # warm-up
@@ -328,23 +324,15 @@ def bench_busy(device, repeats, sync):
     of the search (lookup-table model, B = 64, 50 simulations) and of the actor (default network,
     64 envs, 50 simulations), quiet and beside one busy-loop process, in turn, at torch's default
     thread settings. Kept = busy / quiet. Run it on an otherwise idle machine."""
-    S, A, B = 4096, 9, 64
-    rng = np.random.default_rng(0)
-    nxt = torch.as_tensor(rng.integers(0, S, (S, A)), device=device)
-    rew, val, logit = (torch.as_tensor(rng.normal(0, 1, shape).astype(np.float32), device=device)
-                       for shape in ((S, A), S, (S, A)))
+    S, B = 4096, 64
+    rng, nxt, rew, val, logit, table = table_model(device, S)
     roots = torch.as_tensor(rng.integers(0, S, B), device=device)
-
-    def table(emb, action):
-        n = nxt[emb, action]
-        return rew[emb, action], val[n], logit[n], n
-
     actor, net = make_actor(device)
-    cases = (("search, table model, B = 64 x 50",
+    cases = (("search (compiled), table model, B = 64 x 50",
               lambda: muzero_nce.search(logit[roots], val[roots], roots, table, 50, dirichlet_fraction=0.0)),
              ("actor step, default network, 64 x 50", lambda: actor.step(net, 1.0)))
     print(f"{torch.get_num_threads()} intra-op threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
-    print(f"{'':<38} {'quiet sims/s':>13} {'busy sims/s':>12} {'kept':>6}")
+    print(f"{'':<46} {'quiet sims/s':>13} {'busy sims/s':>12} {'kept':>6}")
     for name, fn in cases:
         fn()  # warm-up
         quiet, busy = [], []
@@ -358,7 +346,7 @@ def bench_busy(device, repeats, sync):
                 spinner.kill()
                 spinner.wait()
         q, b = 64 * 50 / statistics.median(quiet), 64 * 50 / statistics.median(busy)
-        print(f"{name:<38} {q:>13,.0f} {b:>12,.0f} {b / q:>6.2f}")
+        print(f"{name:<46} {q:>13,.0f} {b:>12,.0f} {b / q:>6.2f}")
 
 
 def bench_layout(device, repeats, sync, devices=None):
