@@ -22,7 +22,8 @@ import numpy as np
 
 # Random-policy scores of the Atari-100k tables (SimPLe, DER, SPR and EfficientZero all report
 # these): the games README's curves use. Another game needs --random-score.
-RANDOM_SCORES = {"ms_pacman": 307.3, "breakout": 1.7, "boxing": 0.1, "pong": -20.7, "road_runner": 11.5}
+RANDOM_SCORES = {"ms_pacman": 307.3, "breakout": 1.7, "boxing": 0.1, "pong": -20.7, "road_runner": 11.5,
+                 "kung_fu_master": 258.5}
 RECENT = 20  # training episodes in the running mean, as in the progress line's return
 
 
