@@ -2440,11 +2440,19 @@ def test_torchrun_two_nodes(tmp_path):
     assert len(checksums) == 2 and checksums[0] == checksums[1]
 
 
+def default_sigint():
+    """In the child before exec: SIGINT back to its default. A shell that starts the tests in the
+    background (`pytest ... &`) ignores SIGINT, the child would inherit that, and Python then
+    installs no KeyboardInterrupt handler: the Ctrl-C tests would test the shell, not the script."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_layout(tmp_path, *flags):
     process = subprocess.Popen([PYTHON, "muzero_nce.py", *LAYOUT, "--total-env-steps", "100000",
                                 "--run-dir", str(tmp_path / "run"), *flags], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
-                               start_new_session=True)  # its own process group, as under a terminal
+                               start_new_session=True,  # its own process group, as under a terminal
+                               preexec_fn=default_sigint)
     pids, lines = {}, []
     for line in process.stdout:
         lines.append(line)
@@ -2569,7 +2577,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 def test_sigint_in_the_single_process_checkpoints(tmp_path, sig):
     process = subprocess.Popen([PYTHON, "muzero_nce.py", *TINY, "--total-env-steps", "100000", "--run-dir",
                                 str(tmp_path / "run")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=ENV)
+                               text=True, env=ENV, preexec_fn=default_sigint)
     for line in process.stdout:
         if line.startswith("env 80 "):
             break
