@@ -110,6 +110,7 @@ def build_parser():
     g = p.add_argument_group("environment")
     g.add_argument("--game", default="ms_pacman", help="ALE ROM id in snake_case, e.g. ms_pacman, breakout")
     g.add_argument("--grayscale", action="store_true", help="one channel per frame instead of RGB")
+    g.add_argument("--frame-size", type=positive_int, default=96, help="frames are resized to this many pixels square")
     g.add_argument("--num-envs", type=positive_int, default=64, help="parallel training envs, searched as one batch")
     g.add_argument("--sticky-actions", type=fraction, default=0.0,
                    help="probability of repeating the previous action (0: the Atari-100k protocol)")
@@ -126,6 +127,10 @@ def build_parser():
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=1, help="seeds torch, the envs and every sampler")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when there is one)")
+    g.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="the networks' forward passes (acting, reanalyze, the learner's) in bf16 autocast or in fp32; "
+                        "losses, h, the supports and the search trees stay in fp32 (default: bf16 on CUDA, fp32 on "
+                        "a CPU)")
     g.add_argument("--total-env-steps", type=positive_int, default=100_000,
                    help="agent steps (x4 frames) over all envs; 100k is the Atari-100k budget")
     g.add_argument("--learning-starts", type=non_negative_int, default=2_000,
@@ -151,8 +156,8 @@ def build_parser():
                                  "again override them, e.g. --eval-episodes, --device): prints the mean, std, min and "
                                  "max return and writes them to <checkpoint>_eval.json beside it")
     g.add_argument("--capture-video", action=argparse.BooleanOptionalAction, default=False,
-                   help="record the first episode of each evaluation as the agent sees it (the newest 96x96 frame "
-                        "of each stack, at 15 steps/s: real time) to <run dir>/videos/eval_<env steps>.mp4 (with "
+                   help="record the first episode of each evaluation as the agent sees it (the newest frame of each "
+                        "stack, at 15 steps/s: real time) to <run dir>/videos/eval_<env steps>.mp4 (with "
                         "--evaluate: <checkpoint dir>/evaluate/videos/) and, as an animated GIF, to tensorboard "
                         "(eval/video); needs imageio and imageio-ffmpeg")
     g.add_argument("--save-buffer", action="store_true",
@@ -193,15 +198,18 @@ def build_parser():
                         "env steps of a sample's age, down to 1 (0: off)")
     g.add_argument("--priority-alpha", type=non_negative_float, default=0.6, help="prioritised replay exponent")
     g.add_argument("--priority-beta", type=fraction, default=0.4, help="importance-weight exponent, annealed to 1")
-    g.add_argument("--search-value-targets", action=argparse.BooleanOptionalAction, default=True,
-                   help="bootstrap value targets from stored search root values (--no-search-value-targets: from the network's value)")
+    g.add_argument("--search-value-targets", action=argparse.BooleanOptionalAction, default=False,
+                   help="bootstrap value targets from the root values of a search at every bootstrap row (the "
+                        "original's; reanalyze then searches K+n+1 rows per sequence, not K+1). Default "
+                        "(--no-search-value-targets, EfficientZero's): from the target network's value, which "
+                        "reanalyze stores with no search")
     g.add_argument("--local-target-net", action="store_true",
-                   help="with --no-search-value-targets: each trainer computes bootstrap values with its own target network "
-                        "instead of using the values that acting and reanalyze stored")
+                   help="with --no-search-value-targets: each trainer computes bootstrap values with its own target "
+                        "network instead of using the values that acting and reanalyze stored")
     g.add_argument("--target-update-interval", type=positive_int, default=200,
-                   help="updates between target-network refreshes")
+                   help="updates between target-network refreshes; reanalyze searches with the target network")
     g.add_argument("--reanalyze-fraction", type=fraction, default=1.0,
-                   help="fraction of trained sequences whose policy and value targets are refreshed by a new search")
+                   help="fraction of trained sequences whose policy and value targets are refreshed by reanalyze")
     g = p.add_argument_group("losses and optimiser")
     g.add_argument("--batch-size-per-worker", type=positive_int, default=200,
                    help="sequences per update; each trainer samples its own batch and DDP averages the W batches' "
@@ -227,6 +235,7 @@ def build_parser():
     g.add_argument("--lr-decay-steps", type=positive_int, default=100_000,
                    help="updates per step decay of the learning rate")
     g.add_argument("--lr-decay-rate", type=fraction, default=0.1, help="factor of each learning-rate decay")
+    g.add_argument("--adam-eps", type=positive_float, default=1e-8, help="Adam's epsilon (torch's default)")
     g.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum")
     g.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="L2 weight decay")
     g.add_argument("--max-grad-norm", type=positive_float, default=5.0, help="gradient clipping norm")
@@ -251,7 +260,9 @@ def build_parser():
     g.add_argument("--gpu-0-train", dest="gpu_0_train", action="store_true", help="also put a trainer on GPU 0")
     g.add_argument("--no-gpu-0-train", dest="gpu_0_train", action="store_false",
                    help="GPU 0 only acts, searches and reanalyses (the default with more than one GPU)")
-    g.add_argument("--reanalyze-workers", type=non_negative_int, default=1, help="reanalyze processes on GPU 0")
+    g.add_argument("--reanalyze-workers", type=non_negative_int, default=None,
+                   help="reanalyze processes, spread over the run's GPUs (default: one on each GPU of the run, so "
+                        "that reanalyze grows with the GPUs; with --devices, 1)")
     g.add_argument("--publish-interval", type=positive_int, default=100,
                    help="updates between weights sent to actor and reanalyze")
     g.add_argument("--devices", default=None,
@@ -263,8 +274,8 @@ def build_parser():
 
 
 # What a checkpoint's tensors are shaped by: these flags cannot change when a run resumes.
-FIXED_ON_RESUME = ("game", "grayscale", "channels", "blocks", "reduced_channels", "head_hidden", "support_size",
-                   "proj_hidden", "proj_dim", "pred_hidden", "nce", "optimizer")
+FIXED_ON_RESUME = ("game", "grayscale", "frame_size", "channels", "blocks", "reduced_channels", "head_hidden",
+                   "support_size", "proj_hidden", "proj_dim", "pred_hidden", "nce", "optimizer")
 FIXED_WITH_BUFFER = ("num_envs", "buffer_size")  # also fixed when the checkpoint holds the buffer
 
 
@@ -334,6 +345,30 @@ def resolve_device(name):
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         fail(f"--device {name} but this machine has {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+def uses_bf16(args, device):
+    """--precision for work on `device`: by default bf16 on CUDA, where tensor cores run it at twice
+    the rate of fp32 and it halves the activations' memory, fp32 on a CPU."""
+    return args.precision == "bf16" if args.precision else torch.device(device).type == "cuda"
+
+
+def autocast(args, device):
+    """The context of the networks' forward passes: bf16 autocast where uses_bf16 says so. Only the
+    networks run in it; whatever reads their outputs (losses, h, the supports, the search's
+    trees) takes .float() of them, so that sums over 601 atoms and the trees' statistics keep
+    fp32's precision."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(args, device))
+
+
+def check_precision(args, devices):
+    """bf16 on a GPU without bf16 arithmetic (before Ampere) is a one-line error, before any start."""
+    for name in dict.fromkeys(devices):
+        device = torch.device(name)
+        if device.type == "cuda" and uses_bf16(args, device) and torch.cuda.get_device_capability(device) < (8, 0):
+            fail(f"--precision bf16 but {device} ({torch.cuda.get_device_name(device)}) has no bf16 arithmetic; "
+                 f"use --precision fp32")
 
 
 H_EPS = 0.001  # MuZero's h keeps a small linear term so that h is invertible everywhere
@@ -434,8 +469,8 @@ def check_game(game):
 
 
 def make_atari_env_fn(args, evaluation=False):
-    """96x96 frames, 4 stacked, frameskip 4 with max-pool, up to --noop-max no-ops, raw rewards
-    (the actor clips what it stores, so returns stay real). Training episodes are capped at
+    """Square frames of --frame-size pixels, 4 stacked, frameskip 4 with max-pool, up to --noop-max
+    no-ops, raw rewards (the actor clips what it stores, so returns stay real). Training episodes are capped at
     --train-episode-frames, evaluation plays whole games (--max-episode-frames). The env never
     ends an episode at a lost life: with --episodic-life the actor marks it from info["lives"],
     while the game goes on (ALE's own episodic_life would restart the whole game)."""
@@ -445,10 +480,10 @@ def make_atari_env_fn(args, evaluation=False):
     def env_fn(num_envs):
         from ale_py.vector_env import AtariVectorEnv
         return AtariVectorEnv(
-            args.game, num_envs, img_height=96, img_width=96, grayscale=args.grayscale, stack_num=4,
-            frameskip=4, maxpool=True, noop_max=args.noop_max, repeat_action_probability=args.sticky_actions,
-            max_num_frames_per_episode=cap, reward_clipping=False, episodic_life=False,
-            use_fire_reset=False, autoreset_mode="NextStep", num_threads=min(num_envs, os.cpu_count() or 1))
+            args.game, num_envs, img_height=args.frame_size, img_width=args.frame_size, grayscale=args.grayscale,
+            stack_num=4, frameskip=4, maxpool=True, noop_max=args.noop_max,
+            repeat_action_probability=args.sticky_actions, max_num_frames_per_episode=cap, reward_clipping=False,
+            episodic_life=False, use_fire_reset=False, autoreset_mode="NextStep", num_threads=min(num_envs, os.cpu_count() or 1))
     return env_fn
 
 
@@ -507,12 +542,12 @@ def scale_hidden(x):
     return ((flat - low) / (high - low).clamp_min(1e-5)).view_as(x)
 
 
-def mlp(sizes, zero_last=False):
+def mlp(sizes, zero_last=False, batch_norm=True):
     layers = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers += [nn.BatchNorm1d(b), nn.ReLU()]
+            layers += [nn.BatchNorm1d(b), nn.ReLU()] if batch_norm else [nn.ReLU()]
     if zero_last:  # EfficientZero's init_zero: values and rewards start at 0, the prior uniform
         nn.init.zeros_(layers[-1].weight)
         nn.init.zeros_(layers[-1].bias)
@@ -646,11 +681,13 @@ class MuZeroNet(nn.Module):
         return policies, values, rewards, predictions
 
 
-def make_recurrent_fn(net):
+def make_recurrent_fn(net, args):
     """Adapts the network to search's model interface: (embedding, action) -> (reward, value,
-    policy logits, next embedding), scalars decoded from their supports."""
+    policy logits, next embedding), scalars decoded from their supports in fp32 (the network
+    itself runs under --precision)."""
     def recurrent_fn(latent, action):
-        next_latent, reward, policy, value = net.recurrent_inference(latent, action)
+        with autocast(args, latent.device):
+            next_latent, reward, policy, value = net.recurrent_inference(latent, action)
         return (support_to_scalar(reward, net.support_size), support_to_scalar(value, net.support_size),
                 policy, next_latent)
     return recurrent_fn
@@ -1131,32 +1168,42 @@ class Sequences(NamedTuple):
 class ReplayBuffer:
     """Preallocated tensors, T = capacity // E steps for each of E envs, written as a ring in
     which all envs write row `steps % T` together. Each frame is stored once; observation
-    stacks are rebuilt by index. The tensors can live in shared memory, written by the actor
-    and reanalyze and read by trainers in other processes (section 9)."""
+    stacks are rebuilt by index. The tensors live on `device`: in the single process on the
+    GPU when they fit, so that sampling, the window and every write stay there and an update
+    never waits on the host. In the process layout they live in shared host memory, written by
+    the actor and reanalyze and read by trainers in other processes (section 9); a process that
+    samples on a GPU then keeps its own copy of the frames there (mirror_frames)."""
 
     FIELDS = ("frames", "action", "reward", "terminal", "truncated", "episode_step", "policy",
-              "root_value", "network_value", "priority", "reanalyzed")
+              "root_value", "network_value", "priority", "reanalyzed", "max_priority")
 
     def __init__(self, capacity, num_envs, frame_shape, num_actions, stack, unroll_steps, td_steps,
-                 priority_alpha=0.6):
+                 priority_alpha=0.6, device="cpu"):
         T, E = capacity // num_envs, num_envs
         self.T, self.E, self.stack, self.K, self.n, self.alpha = T, E, stack, unroll_steps, td_steps, priority_alpha
-        self.frames = torch.zeros((T, E) + tuple(frame_shape), dtype=torch.uint8)
-        self.action = torch.zeros(T, E, dtype=torch.long)
-        self.reward = torch.zeros(T, E)
-        self.terminal = torch.zeros(T, E, dtype=torch.bool)
-        self.truncated = torch.zeros(T, E, dtype=torch.bool)
-        self.episode_step = torch.zeros(T, E, dtype=torch.long)
-        self.policy = torch.zeros(T, E, num_actions)
-        self.root_value = torch.zeros(T, E)
-        self.network_value = torch.zeros(T, E)
-        self.priority = torch.zeros(T, E)
-        self.reanalyzed = torch.zeros(T, E, dtype=torch.int32)  # times reanalyze refreshed the row
-        self.counters = torch.tensor([0.0, 1.0], dtype=torch.float64)  # steps written per env, max priority
+        zeros = lambda *shape, dtype=torch.float32: torch.zeros(shape, dtype=dtype, device=device)
+        self.frames = zeros(T, E, *frame_shape, dtype=torch.uint8)
+        self.action = zeros(T, E, dtype=torch.long)
+        self.reward = zeros(T, E)
+        self.terminal = zeros(T, E, dtype=torch.bool)
+        self.truncated = zeros(T, E, dtype=torch.bool)
+        self.episode_step = zeros(T, E, dtype=torch.long)
+        self.policy = zeros(T, E, num_actions)
+        self.root_value = zeros(T, E)
+        self.network_value = zeros(T, E)
+        self.priority = zeros(T, E)
+        self.reanalyzed = zeros(T, E, dtype=torch.int32)  # times reanalyze refreshed the row
+        self.max_priority = zeros(1) + 1                    # new rows start at the highest priority seen
+        self.counters = torch.tensor([0.0, 1.0], dtype=torch.float64)  # on the host: steps written per env
+        self.mirror = None
 
     @property
     def steps(self):
         return int(self.counters[0])
+
+    @property
+    def device(self):
+        return self.frames.device
 
     def share_memory_(self):
         for name in self.FIELDS + ("counters",):
@@ -1170,14 +1217,14 @@ class ReplayBuffer:
                             ("episode_step", episode_step), ("action", action), ("policy", policy),
                             ("root_value", root_value), ("network_value", network_value)):
             getattr(self, name)[row] = value
-        self.priority[row] = self.counters[1]
+        self.priority[row] = self.max_priority
         self.reanalyzed[row] = 0
         self.counters[0] += 1  # last: in shared memory this publishes the row to readers
 
     def times(self, steps=None):
         """Global time [T] held by each ring row (negative while unwritten)."""
         steps = self.steps if steps is None else steps
-        return steps - 1 - (steps - 1 - torch.arange(self.T)) % self.T
+        return steps - 1 - (steps - 1 - torch.arange(self.T, device=self.device)) % self.T
 
     def start_mask(self):
         """[T, E]: rows that may start a sequence: their S-1 past rows and K+n future rows are
@@ -1189,41 +1236,72 @@ class ReplayBuffer:
 
     def sample(self, batch_size, beta, generator=None):
         """Prioritised sampling: P(i) ~ p_i^alpha over valid starts. Returns global times [B],
-        envs [B] and importance weights (N P(i))^-beta / max [B]."""
+        envs [B] and importance weights (N P(i))^-beta / max [B], on the buffer's device (and
+        `generator` must be a generator of that device)."""
         weights = (self.priority.pow(self.alpha) * self.start_mask()).view(-1)
-        total, count = weights.sum(), int((weights > 0).sum())
-        if count == 0:
+        # On a GPU this check would make the host wait; there, updates start only once
+        # --learning-starts steps are in, which check_args makes enough for whole sequences.
+        if self.device.type == "cpu" and not weights.any():
             raise RuntimeError("the replay buffer has no complete sequence to sample yet")
         index = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
         row, env = index // self.E, index % self.E
-        importance = (count * weights[index] / total).pow(-beta)
+        importance = weights[index].pow(-beta)  # N and the sum of the weights cancel in the ratio to the max
         return self.times()[row], env, importance / importance.max()
 
-    def window(self, time, env, before=None, after=None):
-        """Rows time-before .. time+after of each sampled env (default: S-1 back, K+n ahead)."""
+    def window(self, time, env, before=None, after=None, device=None):
+        """Rows time-before .. time+after of each sampled env (default: S-1 back, K+n ahead), as
+        Sequences on `device` (default: the buffer's). The frames come from this process's copy
+        on that device where it has one (mirror_frames), else from the buffer: from host memory
+        to a GPU through pinned memory, without waiting. The other fields are small."""
         before = self.stack - 1 if before is None else before
         after = self.K + self.n if after is None else after
-        rows = (time[:, None] + torch.arange(-before, after + 1)) % self.T                  # [B, W]
+        device = self.device if device is None else torch.device(device)
+        rows = (time[:, None] + torch.arange(-before, after + 1, device=time.device)) % self.T     # [B, W]
         envs = env[:, None].expand_as(rows)
-        return Sequences(*(getattr(self, name)[rows, envs] for name in Sequences._fields))
+        fields = {name: to_device(getattr(self, name)[rows, envs], device) for name in Sequences._fields[1:]}
+        if self.mirror is not None and self.mirror.device == device:
+            frames = self.synced_mirror()[rows.to(device), envs.to(device)]
+        else:
+            frames = to_device(self.frames[rows, envs], device)
+        return Sequences(frames=frames, **fields)
 
-    def write_targets(self, time, env, policy, root_value, network_value):
-        """Reanalyze's write-back. Rows the actor has overwritten since (or is about to) are
-        skipped, so fresh targets never land on another step's row."""
+    def mirror_frames(self, device):
+        """Keep a copy of the frames on `device`, this process's own, for window: the layout's
+        buffer lives in host memory, and there the window's frames (200 x 14 at the defaults)
+        would be gathered and sent over at every update. The copy takes the rows written since
+        its last use at each window: one actor step's frames per update, not a batch's."""
+        self.mirror, self.mirrored = torch.zeros_like(self.frames, device=device), 0
+
+    def synced_mirror(self):
+        steps = self.steps
+        new = min(steps - self.mirrored, self.T)
+        if new:
+            rows = torch.arange(steps - new, steps) % self.T
+            self.mirror[rows.to(self.mirror.device)] = to_device(self.frames[rows], self.mirror.device)
+        self.mirrored = steps
+        return self.mirror
+
+    def write_targets(self, time, env, **fields):
+        """Reanalyze's write-back of fresh `fields` (policy, root_value, network_value) at the rows
+        of (time, env) [N]. Rows the actor has overwritten since (or is about to) keep what they
+        hold, so fresh targets never land on another step's row."""
         keep = time >= self.steps - self.T + 1
-        rows, env = time[keep] % self.T, env[keep]
-        self.policy[rows, env] = policy[keep]
-        self.root_value[rows, env] = root_value[keep]
-        self.network_value[rows, env] = network_value[keep]
-        self.reanalyzed[rows, env] += 1
+        rows = time % self.T
+        for name, value in fields.items():
+            old = getattr(self, name)[rows, env]
+            getattr(self, name)[rows, env] = torch.where(keep.view(-1, *[1] * (old.dim() - 1)), value, old)
+        self.reanalyzed[rows, env] += keep.int()
 
     def update_priorities(self, time, env, priority):
-        bad = ~torch.isfinite(priority) | (priority <= 0)
-        if bad.any():
-            raise ValueError(f"priorities must be finite and positive, got {priority[bad][:5].tolist()}")
-        keep = time >= self.steps - self.T + 1
-        self.priority[time[keep] % self.T, env[keep]] = priority[keep].float()
-        self.counters[1] = max(float(self.counters[1]), float(priority.max()))
+        """New priorities for the rows of (time, env) [B]. One that is not finite and positive
+        would break sampling; it is not written (only a non-finite loss makes one, and the
+        learner's NonFiniteWatch stops the run for it; raising here would make a GPU wait)."""
+        priority = priority.float()
+        valid = torch.isfinite(priority) & (priority > 0)
+        keep = (time >= self.steps - self.T + 1) & valid
+        rows = time % self.T
+        self.priority[rows, env] = torch.where(keep, priority, self.priority[rows, env])
+        torch.maximum(self.max_priority, torch.where(valid, priority, 0).max(), out=self.max_priority)
 
     def state_dict(self):
         return {name: getattr(self, name).clone() for name in self.FIELDS + ("counters",)}
@@ -1231,17 +1309,49 @@ class ReplayBuffer:
     def load_state_dict(self, state):
         for name, value in state.items():
             getattr(self, name).copy_(value)
+        if "max_priority" not in state:  # a checkpoint written before the highest priority moved to the device
+            self.max_priority.fill_(float(state["counters"][1]))
 
 
-def stack_observations(frames, episode_step, stack):
+def fits_on(device, nbytes):
+    """Whether `nbytes` more fit in the memory free on the GPU `device` with half of it left for
+    the networks and the search (100k Atari frames of 96x96x3 take 2.8 GB)."""
+    return torch.device(device).type == "cuda" and nbytes < torch.cuda.mem_get_info(device)[0] / 2
+
+
+def buffer_device(args, device, frame_shape, num_actions):
+    """Where the single process keeps its replay buffer: on its GPU when the buffer fits there,
+    else (and on a CPU) in host memory."""
+    if torch.device(device).type != "cuda":
+        return torch.device("cpu")
+    nbytes = args.buffer_size * (math.prod(frame_shape) + 4 * num_actions + 48)
+    if fits_on(device, nbytes):
+        return torch.device(device)
+    print(f"replay buffer: {nbytes / 2**30:.1f} GB do not fit on {device}; they stay in host memory and each "
+          f"window goes over through pinned memory", flush=True)
+    return torch.device("cpu")
+
+
+def to_device(tensor, device):
+    """tensor on `device`; from host memory to a GPU through pinned memory, so that the copy does
+    not make the host wait."""
+    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def stack_observations(frames, episode_step, stack, rows=None):
     """Rebuild the env's observation stacks from single frames: [B, W, C, H, W] ->
-    [B, W-S+1, S*C, H, W] for window positions S-1.., zeroing frames from before the
-    episode's start (as the env does at reset) so no stack mixes two episodes."""
-    positions = frames.shape[1] - stack + 1
-    index = torch.arange(positions, device=frames.device)[:, None] + torch.arange(stack, device=frames.device)
-    stacks = frames[:, index]                                                        # [B, P, S, C, H, W]
-    age = stack - 1 - torch.arange(stack, device=frames.device)                      # steps before the position
-    keep = age <= episode_step[:, stack - 1:, None]                                  # [B, P, S]
+    [B, P, S*C, H, W] at the rows `rows` [P] or [B, P] (0: t, the window's position S-1; by
+    default all W-S+1 of them), zeroing frames from before the episode's start (as the env does
+    at reset) so no stack mixes two episodes. Only the rows a network will see are stacked."""
+    B, device = frames.shape[0], frames.device
+    rows = torch.arange(frames.shape[1] - stack + 1, device=device) if rows is None else rows
+    rows = rows.expand(B, -1)                                                        # [B, P]
+    index = rows[..., None] + torch.arange(stack, device=device)                     # [B, P, S] window positions
+    stacks = frames[torch.arange(B, device=device)[:, None, None], index]            # [B, P, S, C, H, W]
+    age = stack - 1 - torch.arange(stack, device=device)                             # steps before the row
+    keep = age <= episode_step.gather(1, rows + stack - 1)[..., None]                # [B, P, S]
     return (stacks * keep[..., None, None, None]).flatten(2, 3)
 
 
@@ -1270,7 +1380,8 @@ class Targets(NamedTuple):
     policy_mask: Tensor     # [B, K+1]
     nce_mask: Tensor        # [B, K]   the real observation at t+k exists (same episode)
     actions: Tensor         # [B, K]
-    # where each z_k bootstraps (muzero_nce.py reads only z; q_learning.py's C51 needs the row)
+    # where each z_k bootstraps: a network evaluated there (the target network, C51's distribution)
+    # needs only these K+1 rows of the window's K+n+1
     bootstrap_row: Tensor = None       # [B, K+1] the row (0: t) whose value z_k bootstraps from, t+k+h
     bootstrap_discount: Tensor = None  # [B, K+1] discount^h where z_k bootstraps, else 0
 
@@ -1289,39 +1400,46 @@ def td_steps_by_age(args, time, steps):
 
 def n_step_targets(seq, values, unroll_steps, td_steps, discount, stack):
     """Targets for unroll steps k = 0..K of sequences starting at window position S-1.
-    values [B, K+n+1] are the bootstrap values of rows t..t+K+n; td_steps is n, or each
-    sample's own n [B] (at most the window's n; see td_steps_by_age).
+    values [B, K+n+1] are the bootstrap values of rows t..t+K+n, or None: then each z_k is its
+    reward sum alone and add_bootstrap adds the values of the rows `bootstrap_row` later (a
+    network need not see the other rows). td_steps is n, or each sample's own n [B] (at most the
+    window's n; see td_steps_by_age).
 
     z_k = sum_{i<h} discount^i r_{t+k+i+1} + discount^h v_{t+k+h},  h = min(n, end - k),
     where `end` is the first final row: after a terminal one the bootstrap term is dropped and
     later steps are absorbing (value and reward 0, no policy target); a truncated one (frame
     cap) bootstraps from its own stored value and masks every target after it."""
     K, o = unroll_steps, stack - 1
-    B, device = values.shape[0], values.device
-    n = values.shape[1] - K - 1                                                        # the window's n
+    rewards = seq.reward[:, o:]                                                        # [B, K+n+1], row t first
+    (B, W), device = rewards.shape, rewards.device
+    n = W - K - 1                                                                      # the window's n
     td = torch.as_tensor(td_steps, device=device).reshape(-1, 1)                       # [B, 1] (or [1, 1])
     terminal, final = seq.terminal[:, o:], (seq.terminal | seq.truncated)[:, o:]     # [B, K+n+1], row t first
     j = torch.arange(K + n + 1, device=device)
     end = torch.where(final, j, K + n + 1).amin(1, keepdim=True)                      # [B, 1]; K+n+1: no end
     ends_terminal = terminal.gather(1, end.clamp(max=K + n)) & (end <= K + n)         # [B, 1]
-    rewards = seq.reward[:, o:]
     k = torch.arange(K + 1, device=device)
     z = torch.zeros(B, K + 1, device=device)
     for i in range(n):
         step = k + i + 1                                                               # reward on reaching t+k+i+1
         z += discount ** i * rewards[:, step] * ((step <= end) & (i < td))
     horizon = torch.minimum((end - k).clamp(min=0), td)                                # [B, K+1]
-    bootstrap = values.gather(1, k + horizon) * discount ** horizon.float()
     bootstraps = (k <= end) & ~((k + horizon == end) & ends_terminal)
-    z = torch.where(bootstraps, z + bootstrap, z)
     k1 = k[1:]
-    return Targets(
+    targets = Targets(
         value=z, value_mask=((k <= end) | ends_terminal).float(),
         reward=rewards[:, 1:K + 1] * (k1 <= end), reward_mask=((k1 <= end) | ends_terminal).float(),
         policy=seq.policy[:, o:o + K + 1],
         policy_mask=((k < end) | ((k == end) & ~ends_terminal)).float(),
         nce_mask=(k1 <= end).float(), actions=seq.action[:, o:o + K],
         bootstrap_row=k + horizon, bootstrap_discount=torch.where(bootstraps, discount ** horizon.float(), 0.0))
+    return targets if values is None else add_bootstrap(targets, values.gather(1, targets.bootstrap_row))
+
+
+def add_bootstrap(targets, values):
+    """Targets whose z_k gain discount^h times `values` [B, K+1], the bootstrap values of the rows
+    `targets.bootstrap_row` (0 where z_k does not bootstrap: past a terminal end)."""
+    return targets._replace(value=targets.value + targets.bootstrap_discount * values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1383,20 +1501,28 @@ def run_search(net, obs, args, num_simulations, temperature=0.0, noise=False, ge
     the Sequential Halving winner: its Gumbel noise already samples the move, so `temperature`
     (pUCT's visit-count temperature) does not apply to it. pUCT takes the compiled path where
     --compile (by default: on CUDA) and the caller (`compile`) allow it."""
-    latent, policy_logits, value_logits = net.initial_inference(obs)
+    with autocast(args, obs.device):
+        latent, policy_logits, value_logits = net.initial_inference(obs)
     value = support_to_scalar(value_logits, net.support_size)
     if args.search == "gumbel":
-        out = gumbel_search(policy_logits, value, latent, make_recurrent_fn(net), num_simulations,
+        out = gumbel_search(policy_logits, value, latent, make_recurrent_fn(net, args), num_simulations,
                             discount=args.discount, max_num_considered_actions=args.max_num_considered_actions,
                             c_visit=args.c_visit, c_scale=args.c_scale, gumbel_scale=1.0 if noise else 0.0,
                             generator=generator)
         return out, value
-    out = search(policy_logits, value, latent, make_recurrent_fn(net), num_simulations, discount=args.discount,
+    out = search(policy_logits, value, latent, make_recurrent_fn(net, args), num_simulations, discount=args.discount,
                  c1=args.c1, c2=args.c2, min_q_span=args.min_q_span, dirichlet_alpha=args.dirichlet_alpha,
                  dirichlet_fraction=args.dirichlet_fraction if noise else 0.0, temperature=temperature,
                  generator=generator, compile=compile and (args.compile if args.compile is not None
                                                            else obs.device.type == "cuda"))
     return out, value
+
+
+def network_value(net, obs, args):
+    """The network's own value [B] at observations [B, S*C, H, W], without a search."""
+    with autocast(args, obs.device):
+        value_logits = net.initial_inference(obs)[2]
+    return support_to_scalar(value_logits, net.support_size)
 
 
 def lives_of(info, num_envs):
@@ -1438,10 +1564,11 @@ class Actor:
         obs = observation_tensor(self.obs)
         out, value = run_search(net, obs.to(self.device), self.args, self.args.num_simulations, temperature,
                                 noise=True, generator=self.generator)
-        action, self.last_search = out.action.cpu(), out
+        action, self.last_search = out.action.cpu(), out  # the envs step on the host: the actor's one wait
         frame = obs[:, -self.frame_shape[0]:]  # the newest frame of each stack
+        # the search's outputs go to the buffer from where they are (device to device in the single process)
         self.buffer.add(frame, self.reward, self.terminal, self.truncated, self.episode_step, action,
-                        out.policy.cpu(), out.root_value.cpu(), value.cpu())
+                        out.policy, out.root_value, value)
         self.obs, reward, terminal, truncated, info = self.envs.step(action.numpy())
         restarted = self.game_over                           # these envs just reset (their action was ignored)
         reward = torch.where(restarted, 0.0, torch.as_tensor(reward, dtype=torch.float32))
@@ -1509,33 +1636,99 @@ REANALYZE_CHUNK = 2048  # trees searched at once; bounds the memory of the nodes
 
 @torch.no_grad()
 def reanalyze(net, buffer, time, env, args, device, generator=None):
-    """Search again, with recent weights, at rows t..t+K+n of each sequence (its policy-target
-    and bootstrap rows) and write the fresh search policy, root value and network value back
-    (MuZero Reanalyze; EfficientZero refreshes every target). The search is the actor's, root
-    noise included, as in EfficientZero: noise-free targets sharpen the policy onto the
-    network's current favourite and starve exploration. Returns the simulations run."""
-    seq = buffer.window(time, env)
-    obs = stack_observations(seq.frames, seq.episode_step, buffer.stack).flatten(0, 1)   # [B*(K+n+1), S*C, H, W]
-    chunks = obs.chunk(-(-obs.shape[0] // REANALYZE_CHUNK))  # equal chunks: one shape, one compiled graph
-    results = [run_search(net, chunk.to(device), args, args.num_simulations, noise=True, generator=generator)
-               for chunk in chunks]
-    policy = torch.cat([out.policy for out, _ in results]).cpu()
-    root_value = torch.cat([out.root_value for out, _ in results]).cpu()
-    value = torch.cat([v for _, v in results]).cpu()
-    steps = buffer.K + buffer.n + 1
-    times = (time[:, None] + torch.arange(steps)).flatten()
-    buffer.write_targets(times, env.repeat_interleave(steps), policy, root_value, value)
-    return obs.shape[0] * args.num_simulations
+    """MuZero Reanalyze at EfficientZero's cost. `net` is the target network. A fresh search at
+    the K+1 rows t..t+K of each sequence, whose policies train, gives their policy targets; the
+    network's value at every row t..t+K+n gives the bootstrap values, from the search's own
+    initial inference at rows t..t+K and one more batched pass, with no search, at the n rows
+    after. With --search-value-targets every row is searched (11 roots a sequence at the
+    defaults, not 6) and its root value is the bootstrap. The search is the actor's, root noise
+    included, as in EfficientZero: noise-free targets sharpen the policy onto the network's
+    current favourite and starve exploration. Writes the fresh policies, root values and values
+    back; returns the simulations run."""
+    seq = buffer.window(time, env, device=device)
+    obs = stack_observations(seq.frames, seq.episode_step, buffer.stack)                # [B, K+n+1, S*C, H, W]
+    B, L = obs.shape[:2]
+    searched = L if args.search_value_targets else buffer.K + 1
+    times = time[:, None] + torch.arange(L, device=time.device)                          # [B, K+n+1]
+    envs = env[:, None].expand(B, L)
+    to_buffer = lambda x: x.to(buffer.device)  # a host buffer (the layout's) takes them over from the device
+    roots = obs[:, :searched].flatten(0, 1)
+    # equal chunks: one shape, one compiled graph; a chunk bounds the memory of the trees' latents
+    results = [run_search(net, chunk, args, args.num_simulations, noise=True, generator=generator)
+               for chunk in roots.chunk(-(-len(roots) // REANALYZE_CHUNK))]
+    policy, root_value, value = (to_buffer(torch.cat(parts)) for parts in
+                                 zip(*[(out.policy, out.root_value, value) for out, value in results]))
+    buffer.write_targets(times[:, :searched].flatten(), envs[:, :searched].flatten(), policy=policy,
+                         root_value=root_value, network_value=value)
+    if searched < L:
+        rest = obs[:, searched:].flatten(0, 1)
+        value = torch.cat([network_value(net, chunk, args) for chunk in rest.split(REANALYZE_CHUNK)])
+        buffer.write_targets(times[:, searched:].flatten(), envs[:, searched:].flatten(), network_value=to_buffer(value))
+    return len(roots) * args.num_simulations
 
 
 class NonFiniteError(RuntimeError):
     pass
 
 
+class NonFiniteWatch:
+    """The first update whose losses or gradient norm were not finite, kept on the device with
+    those values: checking them at every update would make the host wait for the GPU each time.
+    check() reads them (a host read), every --publish-interval updates and before each
+    checkpoint, so that neither the actor nor a checkpoint gets the weights of a broken update."""
+
+    def __init__(self):
+        self.names, self.first = None, None
+
+    def note(self, update, losses, grad_norm):
+        """losses: {name: loss} of the update numbered `update`, and its gradient norm."""
+        values = torch.stack([*losses.values(), grad_norm]).detach().float()
+        record = torch.cat([torch.full((1,), float(update), device=values.device), values])
+        first = record.new_full(record.shape, -1.0) if self.first is None else self.first  # update -1: none yet
+        self.names, self.first = list(losses), torch.where(~torch.isfinite(record).all() & (first[0] < 0), record,
+                                                           first)
+
+    def check(self):
+        """Raise NonFiniteError naming the first non-finite update and its loss terms, if any."""
+        if self.first is None or self.first[0] < 0:
+            return
+        update, *values, grad_norm = self.first.tolist()
+        detail = ", ".join(f"{name}={value:.4g}" for name, value in zip(self.names, values))
+        if all(map(math.isfinite, values)):
+            raise NonFiniteError(f"non-finite gradient at update {int(update)} (losses: {detail})")
+        raise NonFiniteError(f"non-finite loss at update {int(update)} ({detail})")
+
+
+def optimizer_step(learner, terms, weights, metrics):
+    """The end of every update: each loss term's importance-weighted mean [B] -> [] times its
+    weight, one optimiser step at the scheduled learning rate with the gradient clipped, the
+    losses and gradient watched (NonFiniteWatch) and the target network refreshed every
+    --target-update-interval updates. Returns the metrics."""
+    args = learner.args
+    losses = {name: (term * weights).mean() for name, term in terms.items()}
+    loss = sum(learner.loss_weights[name] * value for name, value in losses.items())
+    learner.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(learner.net.parameters(), args.max_grad_norm)
+    learner.watch.note(learner.updates + learner.world, {"total": loss, **losses}, grad_norm)
+    for group in learner.optimizer.param_groups:
+        group["lr"] = learning_rate(args, learner.updates)
+    learner.optimizer.step()
+    metrics.update({f"losses/{name}": v.detach() for name, v in losses.items()})
+    metrics.update({"losses/total": loss.detach(), "losses/grad_norm": grad_norm,
+                    "charts/learning_rate": torch.tensor(learning_rate(args, learner.updates))})
+    learner.updates += learner.world
+    if crossed(learner.updates, learner.world, args.target_update_interval):
+        with torch.no_grad():
+            for target, online in learner.target_pairs:
+                target.copy_(online)
+    return metrics
+
+
 class Learner:
     """The online network (DDP-wrapped in a trainer process), its optimiser, and a target
-    network refreshed every --target-update-interval updates for the NCE targets (and, with
-    --local-target-net, the bootstrap values).
+    network refreshed every --target-update-interval updates for the NCE targets, reanalyze
+    (EfficientZero) and, with --local-target-net, the bootstrap values.
 
     `updates` counts batches of --batch-size-per-worker sequences. With `world` DDP trainers,
     one optimiser step (train_step) averages the gradients of `world` batches and counts as
@@ -1546,13 +1739,17 @@ class Learner:
     def __init__(self, net, args, device, model=None, world=1, seed=0):
         self.net, self.model, self.args, self.device, self.world = net, model or net, args, device, world
         self.target = copy.deepcopy(net).eval().requires_grad_(False)
+        # (target, online) tensor pairs, copied in place at each refresh: load_state_dict walks every
+        # module each time, which cost a fifth of a small update refreshed at each one
+        self.target_pairs = list(zip(self.target.state_dict().values(), net.state_dict().values()))
         self.generator = make_generator(device, seed)  # augmentation
         if args.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
                                              weight_decay=args.weight_decay)
         else:
-            self.optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        self.updates = 0
+            self.optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, eps=args.adam_eps,
+                                               weight_decay=args.weight_decay)
+        self.updates, self.watch = 0, NonFiniteWatch()
         self.loss_weights = {"value": args.value_loss_weight, "policy": args.policy_loss_weight,
                              "reward": args.reward_loss_weight, "nce": args.nce_weight}
 
@@ -1560,48 +1757,32 @@ class Learner:
         """seq: Sequences on the device; weights [B] importance weights; td_steps [B] each
         sample's n. Returns (metrics, priorities)."""
         args, S, K = self.args, self.net.stack, self.args.jumps
-        obs = stack_observations(seq.frames, seq.episode_step, S)                       # [B, K+n+1, S*C, H, W]
-        B = obs.shape[0]
+        B, device = seq.frames.shape[0], seq.frames.device
+        obs = stack_observations(seq.frames, seq.episode_step, S, torch.arange(K + 1, device=device))  # [B, K+1, ...]
         with torch.no_grad():
-            if args.local_target_net:
-                values = support_to_scalar(self.target.initial_inference(obs.flatten(0, 1))[2], self.net.support_size)
-                values = values.view(B, -1)
-            else:
-                values = (seq.root_value if args.search_value_targets else seq.network_value)[:, S - 1:]
-            targets = n_step_targets(seq, values, K, td_steps.to(self.device), args.discount, S)
-            seen = augment(obs[:, :K + 1], self.generator) if args.augment else obs[:, :K + 1]  # [B, K+1, S*C, H, W]
+            targets = n_step_targets(seq, None, K, td_steps.to(self.device), args.discount, S)  # rewards alone
+            if args.local_target_net:  # the target network's value at the K+1 bootstrap rows, in one pass
+                at_rows = stack_observations(seq.frames, seq.episode_step, S, targets.bootstrap_row)  # [B, K+1, ...]
+                values = network_value(self.target, at_rows.flatten(0, 1), args).view(B, K + 1)
+            else:  # stored: the search's root values, or the values reanalyze and acting stored
+                stored = (seq.root_value if args.search_value_targets else seq.network_value)[:, S - 1:]
+                values = stored.gather(1, targets.bootstrap_row)                               # [B, K+1]
+            targets = add_bootstrap(targets, values)
+            seen = augment(obs, self.generator) if args.augment else obs                    # [B, K+1, S*C, H, W]
             projections = same_episode = None
             if args.nce and K > 0:
-                real = self.target.representation(seen[:, 1:].flatten(0, 1))              # the observations at t+1..t+K
-                projections = self.target.project(real, online=False).view(B, K, -1)
+                with autocast(args, self.device):  # the observations at t+1..t+K
+                    real = self.target.representation(seen[:, 1:].flatten(0, 1))
+                    projections = self.target.project(real, online=False).view(B, K, -1)
                 start = (time.to(self.device) - seq.episode_step[:, S - 1])
                 env = env.to(self.device)
                 same_episode = (env[:, None] == env) & (start[:, None] == start)
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(args, self.updates)
         self.model.train()
-        outputs = self.model(seen[:, 0], targets.actions, nce=args.nce)
+        with autocast(args, self.device):  # the losses take .float() of the outputs
+            outputs = self.model(seen[:, 0], targets.actions, nce=args.nce)
         terms, priorities, metrics = muzero_losses(outputs, targets, projections, same_episode, args,
                                                    self.net.support_size)
-        losses = {name: (term * weights).mean() for name, term in terms.items()}
-        loss = sum(self.loss_weights[name] * value for name, value in losses.items())
-        values = torch.stack([loss, *losses.values()]).detach()
-        detail = lambda: ", ".join(f"{name}={float(v):.4g}" for name, v in zip(["total", *losses], values))
-        if not torch.isfinite(values).all():
-            raise NonFiniteError(f"non-finite loss at update {self.updates + self.world} ({detail()})")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), args.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteError(f"non-finite gradient at update {self.updates + self.world} (losses: {detail()})")
-        self.optimizer.step()
-        metrics.update({f"losses/{name}": v.detach() for name, v in losses.items()})
-        metrics.update({"losses/total": loss.detach(), "losses/grad_norm": grad_norm,
-                        "charts/learning_rate": torch.tensor(learning_rate(args, self.updates))})
-        self.updates += self.world
-        if crossed(self.updates, self.world, args.target_update_interval):
-            self.target.load_state_dict(self.net.state_dict())
-        return metrics, priorities.detach()
+        return optimizer_step(self, terms, weights, metrics), priorities.detach()
 
     def state_dict(self):
         return {"net": self.net.state_dict(), "target": self.target.state_dict(),
@@ -1615,26 +1796,28 @@ class Learner:
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Processes: actor and reanalyze on GPU 0, DDP trainers on the other GPUs
+# 9. Processes: the actor on GPU 0, DDP trainers on the other GPUs, reanalyze on every GPU
 # ---------------------------------------------------------------------------------------------
 # torch.multiprocessing (spawn). The launcher makes the shared state, starts the processes,
 # prints progress from the shared counters and tears everything down when one fails:
 #   actor       steps the envs with one batched search per step, writes the buffer, evaluates
 #   trainers    one DDP group; each samples its own --batch-size-per-worker sequences per update,
-#               one update ahead, and hands them to reanalyze before training on them
-#   reanalyze   refreshes the first --reanalyze-fraction of each such batch with a new search
-#               (--reanalyze-workers), as the single process does before each update
+#               ahead of time, and hands them to reanalyze before training on them
+#   reanalyze   refreshes the first --reanalyze-fraction of each such batch with the target
+#               network (--reanalyze-workers, by default one on each GPU: reanalyze is most of
+#               an update's work, so it must grow with the GPUs), as the single process does
+#               before each update
 # The replay ratio is held across processes: trainers wait for env steps, and the actor waits
 # when training falls more than two actor steps behind, so results do not depend on which
 # part of the machine is faster. Under torchrun, each node runs this layout and all trainers
 # of all nodes form one DDP group (rendezvous on MASTER_PORT + 1).
 
 # Shared int64 counters and float64 statistics, by index.
-ENV_STEPS, UPDATES, SIMS, REANALYZED, VERSION, STOP, ACTOR_DONE, TRAINERS_DONE, START_STEPS, BASE_UPDATES = range(10)
+(ENV_STEPS, UPDATES, SIMS, REANALYZED, VERSION, STOP, ACTOR_DONE, TRAINERS_DONE, START_STEPS, BASE_UPDATES,
+ TARGET_VERSION) = range(11)
 RETURN, EVAL_RETURN, LOSS, STALENESS = range(4)
 # A trainer's sampled batch goes FREE -> WAITING (for reanalyze) -> CLAIMED -> READY (to train on).
 FREE, WAITING, CLAIMED, READY = range(4)
-LOOKAHEAD = 2  # batches each trainer has sampled: one being trained on, one being reanalysed
 
 
 class Layout(NamedTuple):
@@ -1663,11 +1846,11 @@ def plan_layout(args):
                 fail(f"--devices entry '{d}' is not cpu or cuda:N")
             if d.startswith("cuda:") and int(d[5:]) >= visible:
                 fail(f"--devices entry '{d}' but this machine has {visible} GPU(s)")
-        trainers = len(devices) - 1 - args.reanalyze_workers
+        R = 1 if args.reanalyze_workers is None else args.reanalyze_workers
+        trainers = len(devices) - 1 - R
         if trainers < 1 or (args.num_trainers is not None and args.num_trainers != trainers):
-            fail(f"--devices lists {len(devices)} devices; it needs 1 actor + {args.reanalyze_workers} "
-                         f"reanalyze + {args.num_trainers or 'at least 1'} trainer(s)")
-        R = args.reanalyze_workers
+            fail(f"--devices lists {len(devices)} devices; it needs 1 actor + {R} reanalyze + "
+                 f"{args.num_trainers or 'at least 1'} trainer(s)")
         actor, reanalyze, trainer_devices = devices[0], devices[1:1 + R], devices[1 + R:]
     else:
         gpu_0_train = args.gpu_0_train if args.gpu_0_train is not None else gpus <= 1
@@ -1680,7 +1863,10 @@ def plan_layout(args):
             fail(f"--num-trainers {trainers} needs one GPU each but {where}{gpus - 1} give {len(slots)} "
                          f"(use --gpu-0-train, fewer trainers, or --devices)")
         actor = "cuda:0" if gpus else "cpu"
-        reanalyze = [actor] * args.reanalyze_workers
+        # reanalyze grows with the GPUs: by default a worker on each GPU of the run, GPU 0 included
+        run = [f"cuda:{i}" for i in range(gpus)] or ["cpu"]
+        R = len(run) if args.reanalyze_workers is None else args.reanalyze_workers
+        reanalyze = [run[i % len(run)] for i in range(R)]
         trainer_devices = slots[:trainers] if gpus else ["cpu"] * trainers
     if args.reanalyze_fraction > 0 and args.num_simulations > 0 and not reanalyze:
         fail("--reanalyze-fraction > 0 needs --reanalyze-workers >= 1 in the process layout")
@@ -1698,17 +1884,22 @@ def plan_layout(args):
 
 class Shared:
     """What the processes share, all in shared memory: the replay buffer, the published weights
-    with their version (the update they come from), counters and statistics."""
+    of the online network (for the actor) and of the target network (for reanalyze), each with
+    its version (the update it comes from), counters and statistics."""
 
-    def __init__(self, ctx, args, frame_shape, stack, num_actions, weights, trainers):
+    def __init__(self, ctx, args, frame_shape, stack, num_actions, weights, target, layout):
         self.buffer = ReplayBuffer(args.buffer_size, args.num_envs, frame_shape, num_actions, stack, args.jumps,
                                    args.td_steps, args.priority_alpha).share_memory_()
-        self.weights = weights.share_memory()
-        self.counters = torch.zeros(10, dtype=torch.long).share_memory_()
+        self.weights, self.target = weights.share_memory(), target.share_memory()
+        self.counters = torch.zeros(11, dtype=torch.long).share_memory_()
+        self.reanalyzed_by = torch.zeros(len(layout.reanalyze), dtype=torch.long).share_memory_()  # per worker
         self.stats = torch.full((4,), math.nan, dtype=torch.float64).share_memory_()
-        # the (time, env) starts of each trainer's coming batches, and where each batch stands
-        self.batches = torch.zeros(trainers, LOOKAHEAD, 2, args.batch_size_per_worker, dtype=torch.long).share_memory_()
-        self.batch_state = torch.full((trainers, LOOKAHEAD), FREE, dtype=torch.long).share_memory_()
+        # The (time, env) starts of each trainer's coming batches, and where each batch stands: one
+        # being trained on and enough sampled ahead to keep every reanalyze worker busy.
+        T = len(layout.trainers)
+        self.lookahead = 1 + -(-max(1, len(layout.reanalyze)) // T)
+        self.batches = torch.zeros(T, self.lookahead, 2, args.batch_size_per_worker, dtype=torch.long).share_memory_()
+        self.batch_state = torch.full((T, self.lookahead), FREE, dtype=torch.long).share_memory_()
         self.lock = ctx.Lock()
         self.errors = ctx.SimpleQueue()
 
@@ -1721,19 +1912,23 @@ class Shared:
         launcher = torch.multiprocessing.parent_process()
         return bool(self.counters[STOP]) or (launcher is not None and not launcher.is_alive())
 
-    def publish(self, net, updates):
+    def publish(self, net, updates, target=False):
+        """Publish `net`'s weights as the online (or, with target=True, the target) network's."""
+        weights, index = (self.target, TARGET_VERSION) if target else (self.weights, VERSION)
         with self.lock:
-            for shared, own in zip(self.weights.state_dict().values(), net.state_dict().values()):
+            for shared, own in zip(weights.state_dict().values(), net.state_dict().values()):
                 shared.copy_(own)
-            self.counters[VERSION] = updates
+            self.counters[index] = updates
 
-    def fetch(self, net, version):
-        """Load the published weights into `net` if newer than `version`; returns the version held."""
-        if int(self.counters[VERSION]) == version:
+    def fetch(self, net, version, target=False):
+        """Load the published online (target) weights into `net` if newer than `version`; returns
+        the version held."""
+        weights, index = (self.target, TARGET_VERSION) if target else (self.weights, VERSION)
+        if int(self.counters[index]) == version:
             return version
         with self.lock:
-            net.load_state_dict(self.weights.state_dict())
-            return int(self.counters[VERSION])
+            net.load_state_dict(weights.state_dict())
+            return int(self.counters[index])
 
     def claim_batch(self):
         """A batch waiting for reanalyze, as (trainer, slot), now claimed by the caller; or None."""
@@ -1794,7 +1989,8 @@ def process_entry(role, index, body, args, shared, *extra):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_float32_matmul_precision("high")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (2 + args.reanalyze_workers + len(extra[0].trainers))))
+    layout = extra[0]
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (2 + len(layout.reanalyze) + len(layout.trainers))))
     try:
         body(args, shared, index, *extra)
     except BaseException:
@@ -1872,8 +2068,10 @@ def reanalyze_process(args, shared, index, layout):
     """Refresh the first --reanalyze-fraction of each batch a trainer has sampled ahead: the
     same sequences the single process refreshes before each update."""
     device = on_device(layout.reanalyze[index])
-    net = copy.deepcopy(shared.weights).to(device).eval()
-    version = shared.fetch(net, -1)
+    if fits_on(device, shared.buffer.frames.nbytes):
+        shared.buffer.mirror_frames(device)
+    net = copy.deepcopy(shared.target).to(device).eval()
+    version = shared.fetch(net, -1, target=True)
     noise = make_generator(device, process_seed(args, "reanalyze", index, layout.node_rank) + 1)
     refresh = round(args.reanalyze_fraction * args.batch_size_per_worker)
     while not shared.stopping() and not shared.counters[TRAINERS_DONE]:
@@ -1881,12 +2079,31 @@ def reanalyze_process(args, shared, index, layout):
         if job is None:
             time.sleep(0.002)
             continue
-        version = shared.fetch(net, version)
+        version = shared.fetch(net, version, target=True)
         time_, env = shared.batches[job][:, :refresh]
         sims = reanalyze(net, shared.buffer, time_, env, args, device, noise)
         shared.batch_state[job] = READY
         shared.add(REANALYZED, refresh)
+        shared.reanalyzed_by[index] += refresh
         shared.add(SIMS, sims)
+
+
+class HostCopy:
+    """A device tensor's copy to host memory, started now and read later (get): an update later
+    it has long arrived, where .cpu() now would make the host wait until the GPU caught up with
+    everything queued before it. On a CPU it is the tensor itself."""
+
+    def __init__(self, tensor):
+        self.host, self.done = tensor, None
+        if tensor.device.type == "cuda":
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def get(self):
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host
 
 
 def ddp_model(net, args, device):
@@ -1907,6 +2124,8 @@ def trainer_process(args, shared, index, layout):
     os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
     dist.init_process_group(layout.backend, init_method=layout.master, rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=10))
+    # the trainers' decisions go over gloo, on the host: over nccl, reading one would wait for the GPU
+    control = dist.new_group(backend="gloo") if layout.backend == "nccl" else None
     net = copy.deepcopy(shared.weights).to(device)
     seed = process_seed(args, "trainer", index, layout.node_rank)
     learner = Learner(net, args, device, model=ddp_model(net, args, device), world=world, seed=seed + 1)
@@ -1914,6 +2133,8 @@ def trainer_process(args, shared, index, layout):
         learner.load_state_dict(load_checkpoint(args.resume))
     sampler = make_generator("cpu", seed)
     buffer, counters = shared.buffer, shared.counters
+    if fits_on(device, buffer.frames.nbytes):
+        buffer.mirror_frames(device)
     progress = Progress(node_run_dir(args, layout)) if rank == 0 else None
     leader = index == 0  # each node's first trainer publishes weights and counts updates
     run_dir, last_logged = node_run_dir(args, layout), int(counters[ENV_STEPS])
@@ -1922,14 +2143,15 @@ def trainer_process(args, shared, index, layout):
     needs_reanalyze = args.reanalyze_fraction > 0 and args.num_simulations > 0
     states, starts = shared.batch_state[index], shared.batches[index]
     pending, sampled = [], 0  # batches sampled ahead, oldest first, as (slot, weights, td_steps)
+    written = None  # the last update's new priorities, on their way to the host buffer
 
     def credit():  # batches the replay ratio allows this node beyond those its trainers trained
         return updates_allowed_now(counters, args) - learner.updates // layout.num_nodes
 
     def sample_ahead():  # reanalyze refreshes the next batch while this one trains
         nonlocal sampled
-        while len(pending) < LOOKAHEAD:
-            slot = sampled % LOOKAHEAD
+        while len(pending) < shared.lookahead:
+            slot = sampled % shared.lookahead
             time_, env, weights, td_steps = sample_batch(buffer, args, int(counters[ENV_STEPS]), sampler)
             starts[slot, 0], starts[slot, 1] = time_, env
             states[slot] = WAITING if needs_reanalyze else READY
@@ -1944,20 +2166,26 @@ def trainer_process(args, shared, index, layout):
             wait_until(lambda: int(states[pending[0][0]]) == READY, shared)
         stop = shared.stopping() or credit() < T  # (once the actor is done: no credit left)
         # every trainer must take the same decision, or the others would wait in all_reduce forever
-        flag = torch.tensor([float(stop)], device=collective_device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([float(stop)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
         if flag.item():
             break
         slot, weights, td_steps = pending.pop(0)
         time_, env = starts[slot].clone()
         states[slot] = FREE
-        seq = Sequences(*(x.to(device, non_blocking=True) for x in buffer.window(time_, env)))
+        seq = buffer.window(time_, env, device=device)
         metrics, priorities = learner.train_step(seq, time_, env, weights.to(device), td_steps)
-        buffer.update_priorities(time_, env, priorities.cpu())
+        if written is not None:  # the previous update's, which arrived while this one was queued
+            buffer.update_priorities(written[0], written[1], written[2].get())
+        written = (time_, env, HostCopy(priorities))
+        if crossed(learner.updates, world, args.publish_interval):
+            learner.watch.check()  # before the actor takes the weights
         if leader:
             counters[UPDATES] = learner.updates // layout.num_nodes
             if crossed(learner.updates, world, args.publish_interval):
                 shared.publish(net, learner.updates // layout.num_nodes)
+            if crossed(learner.updates, world, args.target_update_interval):  # refreshed by this step
+                shared.publish(learner.target, learner.updates // layout.num_nodes, target=True)
         if args.fault_after is not None and rank == world - 1 and learner.updates >= args.fault_after:
             raise RuntimeError(f"fault injected by --fault-after {args.fault_after} at update {learner.updates}")
         steps = int(counters[ENV_STEPS])
@@ -1965,9 +2193,13 @@ def trainer_process(args, shared, index, layout):
             shared.stats[LOSS] = float(metrics["losses/total"])
             progress.scalars(metrics, steps)
         if rank == 0 and crossed(steps, steps - last_logged, args.checkpoint_interval):
+            learner.watch.check()
             save_run(os.path.join(run_dir, "checkpoint.pt"), args, learner, shared.weights, counters_dict(counters),
                      buffer)
         last_logged = steps
+    if written is not None:
+        buffer.update_priorities(written[0], written[1], written[2].get())
+    learner.watch.check()
     if leader:
         shared.publish(net, learner.updates // layout.num_nodes)
         counters[UPDATES] = learner.updates // layout.num_nodes
@@ -2021,11 +2253,13 @@ def launch(args, layout):
     frame_shape, stack, num_actions = probe_env_spec(make_atari_env_fn(args))
     seed_everything(args.seed)
     weights = MuZeroNet(frame_shape, stack, num_actions, args).eval()
-    shared = Shared(ctx, args, frame_shape, stack, num_actions, weights, len(layout.trainers))
+    target = copy.deepcopy(weights)
+    shared = Shared(ctx, args, frame_shape, stack, num_actions, weights, target, layout)
     counters = fresh_counters(args)
     if args.resume:
         state = load_checkpoint(args.resume)
         weights.load_state_dict(state["acting"])
+        target.load_state_dict(state["target"])
         counters.update(state["counters"])
         node_updates = state["updates"] // layout.num_nodes  # the batches this node's trainers trained
         if "buffer" in state:
@@ -2033,7 +2267,7 @@ def launch(args, layout):
             mark_cut_episodes(shared.buffer)
         else:  # an empty buffer warms up again before training resumes
             warm_up_again(counters, args, node_updates)
-        shared.counters[UPDATES] = shared.counters[VERSION] = node_updates
+        shared.counters[UPDATES] = shared.counters[VERSION] = shared.counters[TARGET_VERSION] = node_updates
     for name, index in COUNTER_NAMES.items():
         shared.counters[index] = counters[name]
     log_protocol(args, frame_shape, stack, num_actions, f"actor {layout.actor}, reanalyze {layout.reanalyze}, "
@@ -2074,6 +2308,9 @@ def launch(args, layout):
         report_failure(shared, failed)
         sys.exit(1)
     print_progress(progress, shared)
+    if layout.reanalyze:  # how the work spread over the workers
+        print("reanalysed sequences per worker: " + ", ".join(
+            f"{int(n):,} ({device})" for n, device in zip(shared.reanalyzed_by, layout.reanalyze)), flush=True)
     return {"eval_return": float(shared.stats[EVAL_RETURN]), "env_steps": int(shared.counters[ENV_STEPS]),
             "updates": int(shared.counters[UPDATES]), "run_dir": args.run_dir}
 
@@ -2303,10 +2540,10 @@ def train(args, env_fn=None):
     frame_shape, stack, num_actions = env_spec(envs)
     net = MuZeroNet(frame_shape, stack, num_actions, args).to(device)
     learner = Learner(net, args, device, seed=args.seed + 4)
-    acting = copy.deepcopy(net).eval()  # the published weights, which the actor and reanalyze use
+    acting = copy.deepcopy(net).eval()  # the published weights, which the actor uses
     buffer = ReplayBuffer(args.buffer_size, args.num_envs, frame_shape, num_actions, stack, args.jumps,
-                          args.td_steps, args.priority_alpha)
-    sampler, noise = make_generator("cpu", args.seed + 1), make_generator(device, args.seed + 3)
+                          args.td_steps, args.priority_alpha, device=buffer_device(args, device, frame_shape, num_actions))
+    sampler, noise = make_generator(buffer.device, args.seed + 1), make_generator(device, args.seed + 3)
     actor = Actor(envs, buffer, args, device, make_generator(device, args.seed + 2), args.seed)
     generators = [sampler, actor.generator, noise, learner.generator]
     counters = fresh_counters(args)
@@ -2319,6 +2556,7 @@ def train(args, env_fn=None):
     E, B = args.num_envs, args.batch_size_per_worker
 
     def save(path):
+        learner.watch.check()  # a checkpoint never holds the weights of a broken update
         exact = {"actor": actor.state_dict(), "rng": rng_state(generators), "envs": picklable(envs)}
         save_run(path, args, learner, acting, counters, buffer, exact)
 
@@ -2327,12 +2565,13 @@ def train(args, env_fn=None):
         time_, env, weights, td_steps = sample_batch(buffer, args, env_steps, sampler)
         refresh = round(args.reanalyze_fraction * B)
         if refresh and args.num_simulations:
-            counters["sims"] += reanalyze(acting, buffer, time_[:refresh], env[:refresh], args, device, noise)
+            counters["sims"] += reanalyze(learner.target, buffer, time_[:refresh], env[:refresh], args, device, noise)
             counters["reanalyzed_sequences"] += refresh
-        seq = Sequences(*(x.to(device) for x in buffer.window(time_, env)))
+        seq = buffer.window(time_, env, device=device)
         metrics, priorities = learner.train_step(seq, time_, env, weights.to(device), td_steps)
-        buffer.update_priorities(time_, env, priorities.cpu())
+        buffer.update_priorities(time_, env, priorities.to(buffer.device))
         if learner.updates % args.publish_interval == 0:
+            learner.watch.check()  # before the actor takes the weights
             acting.load_state_dict(net.state_dict())
         return metrics
 
@@ -2436,8 +2675,11 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it; no effect on CPU
     if args.evaluate:  # before plan_layout: an evaluation runs in this process, whatever the run's layout
+        check_precision(args, [resolve_device(args.device)])
         return evaluate_checkpoint(args)
     layout = plan_layout(args)
+    check_precision(args, [resolve_device(args.device)] if layout is None else
+                    [layout.actor, *layout.reanalyze, *layout.trainers])
     # SIGTERM (a cluster scheduler's preemption, or torchrun stopping its workers) stops the run
     # the way Ctrl-C does: every process stops and a checkpoint is written.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -30,15 +30,19 @@ if the code were wrong, never against numbers recorded from a previous run.
 """
 import copy
 import difflib
+import faulthandler
 import inspect
 import json
 import math
 import os
 import pickle
+import queue
 import re
+import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -55,6 +59,17 @@ import q_learning as Q  # noqa: E402
 torch.set_num_threads(1)
 
 VISITS, VALUE_SUM, REWARD, PRIOR = M.VISITS, M.VALUE_SUM, M.REWARD, M.PRIOR
+TEST_DEADLINE = 600  # seconds: the slowest test takes a few minutes on a busy 2-core machine
+
+
+@pytest.fixture(autouse=True)
+def deadline():
+    """No test can hang the suite: every wait on a process has its own, shorter deadline, and a
+    test still running after TEST_DEADLINE seconds (a hang where no wait was expected) prints
+    every thread's stack and ends the whole run with an error, rather than at CI's time limit."""
+    faulthandler.dump_traceback_later(TEST_DEADLINE, exit=True, file=sys.__stderr__)  # past pytest's capture
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1210,18 +1225,20 @@ def test_n_step_targets_bootstrap_row_ends():
 # 8. priorities
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [float("nan"), 0.0, -1.0, float("inf"), -float("inf")])
-def test_update_priorities_rejects_bad_values(bad):
+def test_update_priorities_skips_bad_values(bad):
+    """A priority that is not finite and positive would break sampling: it is not written, nor
+    does it raise the highest priority; the others of the batch are."""
     buf = M.ReplayBuffer(8, 2, (1, 1, 1), 2, 1, 1, 1)
     for t in range(3):
         buf.add(torch.zeros(2, 1, 1, 1, dtype=torch.uint8), torch.zeros(2), torch.zeros(2, dtype=torch.bool),
                 torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
                 torch.full((2, 2), 0.5), torch.zeros(2), torch.zeros(2))
-    before = buf.priority.clone(), buf.counters.clone()
-    with pytest.raises(ValueError):
-        buf.update_priorities(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 0]), torch.tensor([1.0, bad, 2.0]))
-    assert torch.equal(buf.priority, before[0]) and torch.equal(buf.counters, before[1])
+    before = buf.priority.clone()
+    buf.update_priorities(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 0]), torch.tensor([1.0, bad, 0.5]))
+    assert buf.priority[1, 1] == before[1, 1] and buf.priority[0, 0] == 1.0 and buf.priority[2, 0] == 0.5
+    assert float(buf.max_priority) == 1.0 and buf.sample(4, 0.4)[2].isfinite().all()
     buf.update_priorities(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 0]), torch.tensor([1.5, 3.0, 2.0]))
-    assert buf.priority[1, 1] == 3.0 and buf.priority[2, 0] == 2.0 and float(buf.counters[1]) == 3.0
+    assert buf.priority[1, 1] == 3.0 and buf.priority[2, 0] == 2.0 and float(buf.max_priority) == 3.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1495,7 +1512,8 @@ def test_write_back_skips_rows_the_actor_overwrote_or_is_about_to():
     add_steps(buf, 8)
     time, env = torch.tensor([2, 3, 4, 6]), torch.zeros(4, dtype=torch.long)
     policy = torch.tensor([[0.0, 1.0]]).repeat(4, 1)
-    buf.write_targets(time, env, policy, torch.tensor([10.0, 11.0, 12.0, 13.0]), torch.tensor([20.0, 21.0, 22.0, 23.0]))
+    buf.write_targets(time, env, policy=policy, root_value=torch.tensor([10.0, 11.0, 12.0, 13.0]),
+                      network_value=torch.tensor([20.0, 21.0, 22.0, 23.0]))
     assert buf.root_value[:, 0].tolist() == [-5.0, 13.0, -5.0, -5.0, 12.0]
     assert buf.network_value[:, 0].tolist() == [-7.0, 23.0, -7.0, -7.0, 22.0]
     assert buf.policy[:, 0].tolist() == [[0.5, 0.5], [0.0, 1.0], [0.5, 0.5], [0.5, 0.5], [0.0, 1.0]]
@@ -1622,32 +1640,54 @@ class RowNet:
         return latent, reward, self.prior_logits(latent), self.value_logits(latent + 1)
 
 
-def test_reanalyze_writes_each_search_back_to_its_own_row(monkeypatch):
+@pytest.mark.parametrize("flags", [[], ["--search-value-targets"]])
+def test_reanalyze_writes_each_search_back_to_its_own_row(monkeypatch, flags):
+    """By default (EfficientZero's cost) reanalyze searches the K+1 policy rows t..t+K of each
+    sequence and writes the network's value at all K+n+1 rows t..t+K+n, the n after t+K from one
+    plain pass; with --search-value-targets it searches every row. Each write lands on its own
+    row (RowNet's outputs name their row); rows it does not reach keep what the actor stored."""
     T, E, S, K, n, discount = 20, 2, 2, 2, 2, 0.9
-    args = tiny_args("--num-simulations", "1", "--dirichlet-fraction", "0", "--discount", str(discount))
+    args = tiny_args("--num-simulations", "1", "--dirichlet-fraction", "0", "--discount", str(discount), *flags)
     buf = M.ReplayBuffer(T * E, E, (1, 1, 1), 3, S, K, n)
     add_steps(buf, 30, pixel=lambda t, e: t * E + e + 1)  # rows hold times 10..29
     time, env = torch.tensor([11, 18, 25, 12]), torch.tensor([1, 0, 1, 0])  # windows that do not overlap
     assert buf.start_mask()[time % T, env].all()
     calls = record_calls(monkeypatch, "run_search")
+    searched = K + n + 1 if flags else K + 1
     sims = M.reanalyze(RowNet(), buf, time, env, args, CPU)
-    assert sims == 4 * (K + n + 1) and all(c["noise"] for c in calls)  # the actor's search, noise and all
-    count = torch.zeros(T, E, dtype=torch.int32)
+    assert sims == 4 * searched and all(c["noise"] for c in calls)  # the actor's search, noise and all
+    assert sum(len(c["obs"]) for c in calls) == 4 * searched          # the roots searched for 4 sequences
+    count, is_root = torch.zeros(T, E, dtype=torch.int32), torch.zeros(T, E, dtype=torch.bool)
     for t0, e in zip(time.tolist(), env.tolist()):
         for t in range(t0, t0 + K + n + 1):
             count[t % T, e] += 1
+            is_root[t % T, e] = t < t0 + searched
     assert torch.equal(buf.reanalyzed, count)
     for row in range(T):
         t = int(buf.times()[row])
         for e in range(E):
             x = t * E + e + 1
-            if count[row, e]:
+            if count[row, e]:  # the value at every row t..t+K+n, the bootstrap rows
                 assert float(buf.network_value[row, e]) == pytest.approx(x, rel=1e-4, abs=1e-3), (t, e)
+            else:
+                assert float(buf.network_value[row, e]) == -7.0
+            if is_root[row, e]:
                 assert float(buf.root_value[row, e]) == pytest.approx((x + discount * (x + 1)) / 2, rel=1e-4, abs=1e-3)
                 assert buf.policy[row, e].tolist() == F.one_hot(torch.tensor(x % 3), 3).float().tolist()
             else:
-                assert (float(buf.network_value[row, e]), float(buf.root_value[row, e])) == (-7.0, -5.0)
+                assert float(buf.root_value[row, e]) == -5.0, (t, e)
                 assert buf.policy[row, e].tolist() == pytest.approx([1 / 3] * 3)
+
+
+def test_reanalyze_searches_with_the_target_network(monkeypatch, tmp_path):
+    """The single process reanalyses with the learner's target network (EfficientZero), which
+    lags the online network by up to --target-update-interval updates, not with the acting copy."""
+    seen = []
+    real = M.reanalyze
+    monkeypatch.setattr(M, "reanalyze", lambda net, *a, **kw: seen.append(net) or real(net, *a, **kw))
+    learners = record_calls(monkeypatch, "Learner")
+    M.train(corridor_args(tmp_path, 1, **{"--total-env-steps": 768, "--learning-starts": 704}), env_fn)
+    assert seen and all(net is learners[0]["result"].target for net in seen)
 
 
 # ---- the training step ------------------------------------------------------------------------
@@ -1682,8 +1722,8 @@ def test_train_step_augments_the_online_input_and_the_nce_targets_alike(monkeypa
     """With --augment, one augment() call per update shifts the sample's whole window: the
     online network unrolls from its step 0 and the target network encodes its steps 1..K, so a
     prediction and its target see the same shift. The bootstrap values (--local-target-net) come
-    from the observations as stored."""
-    args = tiny_args("--augment", "--no-search-value-targets", "--local-target-net")
+    from the observations as stored, at the K+1 bootstrap rows."""
+    args = tiny_args("--augment", "--local-target-net")
     learner = tiny_learner(args, apart=True)
     seq, time, env = random_batch(args, 5)
     B, S, K = 6, TINY_STACK, args.jumps
@@ -1699,30 +1739,39 @@ def test_train_step_augments_the_online_input_and_the_nce_targets_alike(monkeypa
     assert torch.equal(given, obs[:, :K + 1]) and not torch.equal(seen, given.float())
     assert len(online_inputs) == 1 and torch.equal(online_inputs[0], seen[:, 0])
     # the target network's calls: the bootstrap values from the stored observations, then the NCE targets
-    assert len(target_inputs) == 2 and torch.equal(target_inputs[0], obs.flatten(0, 1))
+    rows = torch.arange(K + 1) + args.td_steps                                          # no episode ends here
+    assert len(target_inputs) == 2 and torch.equal(target_inputs[0], obs[:, rows].flatten(0, 1))
     assert torch.equal(target_inputs[1], seen[:, 1:].flatten(0, 1))
 
 
 @pytest.mark.parametrize("flags, source", [
-    ([], "root_value"),
-    (["--no-search-value-targets"], "network_value"),
-    (["--no-search-value-targets", "--local-target-net"], "target network"),
+    (["--search-value-targets"], "root_value"),
+    ([], "network_value"),  # what reanalyze stores from the target network, EfficientZero's default
+    (["--local-target-net"], "target network"),
 ])
 def test_train_step_bootstraps_from_the_values_its_flags_name(monkeypatch, flags, source):
+    """Each z_k bootstraps from one row, t+k+h (h: the sample's own n here, 1 or 2): the value
+    there comes from the source its flags name, and the target network, where it is the source,
+    sees only those K+1 rows of the K+n+1."""
     args = tiny_args(*flags)
     learner = tiny_learner(args, apart=True)
     seq, time, env = random_batch(args, 3)
-    S = TINY_STACK
+    S, K, td = TINY_STACK, args.jumps, torch.tensor([1, 2, 2, 1, 2, 1])
+    rows = torch.arange(K + 1) + td[:, None]                                            # [6, K+1], no ends here
     if source == "target network":
-        obs = M.stack_observations(seq.frames, seq.episode_step, S).flatten(0, 1)
+        obs = M.stack_observations(seq.frames, seq.episode_step, S)[torch.arange(6)[:, None], rows].flatten(0, 1)
         with torch.no_grad():
             expected = M.support_to_scalar(learner.target.initial_inference(obs)[2], args.support_size).view(6, -1)
     else:
-        expected = getattr(seq, source)[:, S - 1:]                                      # rows t..t+K+n
-    calls = record_calls(monkeypatch, "n_step_targets")
-    learner.train_step(seq, time, env, torch.ones(6), torch.full((6,), args.td_steps))
-    assert calls[0]["values"].shape == expected.shape
+        expected = getattr(seq, source)[:, S - 1:].gather(1, rows)                       # the rows t+k+h
+    target_rows = []
+    learner.target.representation.register_forward_hook(lambda m, inputs, out: target_rows.append(len(inputs[0])))
+    calls = record_calls(monkeypatch, "add_bootstrap")
+    learner.train_step(seq, time, env, torch.ones(6), td)
+    assert torch.equal(calls[0]["targets"].bootstrap_row, rows)
     torch.testing.assert_close(calls[0]["values"], expected)
+    # the NCE targets' pass sees 6 x K rows; a bootstrap pass, 6 x (K+1)
+    assert target_rows == ([6 * (K + 1)] if source == "target network" else []) + [6 * K]
 
 
 @pytest.mark.parametrize("world, refreshed, expected_lrs", [
@@ -1766,6 +1815,62 @@ def test_train_step_refreshes_the_target_and_follows_the_schedule(monkeypatch, w
 
 
 # ---- processes and resume -----------------------------------------------------------------------
+def bf16_and_fp32(*flags):
+    """One search (8 simulations, no noise) and two training steps of the same randomised tiny
+    network on the same batch, in each precision."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        args = tiny_args("--precision", precision, "--num-simulations", "8", "--dirichlet-fraction", "0", *flags)
+        learner = tiny_learner(args, apart=True)
+        seq, time, env = random_batch(args, 3)
+        obs = M.stack_observations(seq.frames, seq.episode_step, TINY_STACK)[:, 0]
+        with torch.no_grad():
+            out, value = M.run_search(learner.net.eval(), obs, args, 8)
+        steps = [learner.train_step(seq, time, env, torch.ones(6), torch.full((6,), args.td_steps)) for _ in range(2)]
+        runs[precision] = out, value, steps
+    return runs["fp32"], runs["bf16"]
+
+
+def test_bf16_runs_the_networks_and_keeps_the_rest_in_fp32():
+    """--precision bf16 (bf16 autocast, which a CPU runs too) against fp32, from the same weights
+    and batch. Measured here, bf16 moves root values (up to 9.4) by 0.14, network values by
+    0.006, losses by 0.1% and priorities by 0.09; the tolerances below are a few times those. A
+    planted bf16 decoding (the softmax over the support's atoms and its expectation in bf16)
+    moves root values by 7.8 and priorities by 4.1. The trees' statistics are fp32, and the
+    cross-entropies and decoding read bf16 logits exactly as they read them cast to fp32."""
+    (out32, value32, steps32), (out16, value16, steps16) = bf16_and_fp32()
+    assert out16.tree.embedding.dtype == torch.bfloat16  # the network did run in bf16
+    assert all(x.dtype == torch.float32 for x in (out16.tree.nodes, out16.tree.edges, out16.tree.bounds,
+                                                    out16.tree.values, out16.root_value, value16))
+    torch.testing.assert_close(out16.root_value, out32.root_value, atol=0.5, rtol=0)
+    torch.testing.assert_close(value16, value32, atol=0.05, rtol=0)
+    assert (out16.policy - out32.policy).abs().sum(-1).max() <= 0.5
+    for (metrics16, priorities16), (metrics32, priorities32) in zip(steps16, steps32):
+        for name in ("value", "policy", "reward", "nce", "total"):
+            assert metrics16[f"losses/{name}"].dtype == torch.float32
+            torch.testing.assert_close(metrics16[f"losses/{name}"], metrics32[f"losses/{name}"], rtol=0.01, atol=0)
+        torch.testing.assert_close(priorities16, priorities32, atol=0.5, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(5, 11, generator=g) * 3).bfloat16()
+    target = torch.softmax(torch.randn(5, 11, generator=g), -1)
+    assert torch.equal(M.cross_entropy(logits, target), M.cross_entropy(logits.float(), target))
+    assert torch.equal(M.support_to_scalar(logits, 5), M.support_to_scalar(logits.float(), 5))
+
+
+def test_bf16_where_the_gpu_lacks_it_is_a_one_line_error(monkeypatch):
+    """bf16 needs compute capability 8.0 (Ampere) or later; before, --precision bf16 (the CUDA
+    default) is refused in one line, and --precision fp32 runs."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    for flags in ([], ["--precision", "bf16"]):
+        with pytest.raises(SystemExit, match=r"^muzero_nce.py: error: --precision bf16 but cuda:1 \(Tesla V100\) has "
+                                             r"no bf16 arithmetic; use --precision fp32$"):
+            M.check_precision(M.parse_args(flags), ["cpu", "cuda:1"])
+    M.check_precision(M.parse_args(["--precision", "fp32"]), ["cpu", "cuda:1"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    M.check_precision(M.parse_args([]), ["cuda:0"])
+
+
 @pytest.mark.parametrize("flags", [["--no-nce"], ["--jumps", "0"]])
 def test_ddp_trains_without_nce_and_without_unroll(flags):
     """DDP (here a one-process gloo group) stops at the second update if a parameter got no
@@ -2053,9 +2158,88 @@ TINY = ["--device", "cpu", "--num-envs", "2", "--channels", "8", "--reduced-chan
         "--log-interval", "40", "--reanalyze-fraction", "0.25"]
 
 
+def run_to_end(argv, timeout=240):
+    """subprocess.run(PYTHON + argv) with a deadline: past it the whole process group (a launcher
+    and the workers it spawned) is killed and the test fails with what the process printed."""
+    process = subprocess.Popen([PYTHON, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=ENV, start_new_session=True)  # its own group, killed whole at the deadline
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(process)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{shlex.join(argv[:3])} ... did not end within {timeout} s; it printed:\n{stdout[-3000:]}\n"
+                    f"{stderr[-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def kill_group(process):
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run_script(*flags, timeout=240):
-    return subprocess.run([PYTHON, "muzero_nce.py", *flags], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return run_to_end(["muzero_nce.py", *flags], timeout)
+
+
+class Watched:
+    """A script started in its own process group (as under a terminal), its output read line by
+    line by a thread, so that every wait on it has a deadline. Past a deadline the whole group is
+    killed and the test fails with what the process printed, however the timing fell."""
+
+    def __init__(self, *argv):
+        self.process = subprocess.Popen([PYTHON, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, env=ENV, start_new_session=True, preexec_fn=default_sigint)
+        self.lines, self.queue, self.ended = [], queue.Queue(), False
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.queue.put(line)
+        self.queue.put(None)  # the output ended: every holder of the pipe is gone
+
+    def wait_for(self, condition, deadline, what):
+        """Read on until a line meets condition(line) (returned) or the output ends (None)."""
+        end = time.monotonic() + deadline
+        while not self.ended:
+            try:
+                line = self.queue.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                self.fail(f"no {what} within {deadline} s")
+            if line is None:
+                self.ended = True
+                return None
+            self.lines.append(line)
+            if condition(line):
+                return line
+        return None
+
+    def wait_for_progress(self, env_steps, deadline):
+        """The first progress line that counts at least `env_steps` env steps and one update (the
+        launcher prints the count it happens to read, which need not be a multiple of anything)."""
+        return self.wait_for(lambda line: progress_counts(line) >= (env_steps, 1), deadline,
+                             f"progress line with env >= {env_steps} and upd >= 1")
+
+    def finish(self, deadline):
+        """Wait for the exit and the end of the output; returns (exit code, the whole output)."""
+        try:
+            self.process.wait(timeout=deadline)
+        except subprocess.TimeoutExpired:
+            self.fail(f"the process did not exit within {deadline} s")
+        self.wait_for(lambda line: False, 30, "end of output")  # workers that outlive it hold the pipe
+        return self.process.returncode, "".join(self.lines)
+
+    def fail(self, message):
+        kill_group(self.process)
+        pytest.fail(f"{message}; it printed:\n{''.join(self.lines)[-3000:]}")
+
+
+def progress_counts(line):
+    """(env steps, updates) of a progress line `env 48,000 | ... | upd 1,234 | ...`, else (-1, -1)."""
+    found = re.match(r"env ([\d,]+) \|.* \| upd ([\d,]+) \|", line)
+    return tuple(int(x.replace(",", "")) for x in found.groups()) if found else (-1, -1)
 
 
 def scalars(run_dir, tag):
@@ -2118,6 +2302,7 @@ def test_same_seed_same_losses(tmp_path):
     (["--search", "mcts"], r"--search: invalid choice: 'mcts'"),
     (["--nce-temperature", "0"], r"--nce-temperature: must be > 0, got 0"),
     (["--discount", "1.5"], r"--discount: must lie in \[0, 1\], got 1.5"),
+    (["--precision", "fp16"], r"--precision: invalid choice: 'fp16' \(choose from 'fp32', 'bf16'\)"),
     (["--batch-size-per-worker", "500"], r"--batch-size-per-worker 500 is larger than --buffer-size 200"),
     (["--num-gpus", "4"], r"--num-gpus 4 but this machine has 0 GPU\(s\)"),
     (["--devices", "cpu,cuda:3,cpu"], r"--devices entry 'cuda:3' but this machine has 0 GPU\(s\)"),
@@ -2150,9 +2335,26 @@ def test_more_trainers_than_gpus_is_refused(monkeypatch, capsys):
     assert M.plan_layout(M.parse_args([])) is None  # no GPU: the single process
 
 
+def test_reanalyze_grows_with_the_gpus(monkeypatch):
+    """By default every GPU of the run gets a reanalyze worker, GPU 0 (beside the actor) too, so
+    reanalyze, most of an update's work, grows with the GPUs; --reanalyze-workers spreads a
+    number of them over the GPUs by hand, and --devices places each one."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    layout = M.plan_layout(M.parse_args([]))
+    assert (layout.actor, layout.trainers) == ("cuda:0", ["cuda:1", "cuda:2", "cuda:3"])
+    assert layout.reanalyze == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert M.plan_layout(M.parse_args(["--reanalyze-workers", "6"])).reanalyze == [
+        "cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
+    layout = M.plan_layout(M.parse_args(["--num-gpus", "2", "--gpu-0-train"]))
+    assert layout.trainers == ["cuda:0", "cuda:1"] and layout.reanalyze == ["cuda:0", "cuda:1"]
+    layout = M.plan_layout(M.parse_args(["--devices", "cuda:0,cuda:1,cuda:2,cuda:1,cuda:2", "--reanalyze-workers", "2"]))
+    assert (layout.actor, layout.reanalyze, layout.trainers) == ("cuda:0", ["cuda:1", "cuda:2"], ["cuda:1", "cuda:2"])
+
+
 def test_import_does_not_initialise_cuda():
     code = "import torch, muzero_nce, q_learning; print(torch.cuda.is_initialized())"
-    done = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, env=ENV)
+    done = run_to_end(["-c", code], timeout=60)
     assert done.stdout.strip() == "False", done.stderr
 
 
@@ -2376,20 +2578,21 @@ def adam_steps(state):
 
 
 def test_layout_runs_and_resumes(tmp_path):
-    """Two gloo trainers: both end with the same weights; the replay ratio holds across processes
-    and counts batches, so one optimiser step of the two trainers counts two updates (the same
-    sequences per env step as one trainer); reanalyze refreshed the trainers' batches; a resume
-    with the buffer picks up every counter, the reanalysed sequences included, and trains on
-    at once."""
+    """Two gloo trainers and two reanalyze workers: both trainers end with the same weights; the
+    replay ratio holds across processes and counts batches, so one optimiser step of the two
+    trainers counts two updates (the same sequences per env step as one trainer); the workers
+    refreshed the trainers' batches, each worker's count adding up to the total; a resume with
+    the buffer picks up every counter, the reanalysed sequences included, and trains on at once."""
     run = tmp_path / "run"
-    flags = [*LAYOUT, "--total-env-steps", "80", "--save-buffer", "--optimizer", "adam", "--run-dir", str(run),
+    flags = [*TINY, "--devices", "cpu,cpu,cpu,cpu,cpu", "--reanalyze-workers", "2", "--total-env-steps", "80",
+             "--save-buffer", "--optimizer", "adam", "--run-dir", str(run),
              "--train-episode-frames", "40"]  # training episodes end, so their returns are logged
     done = run_script(*flags)
     assert done.returncode == 0, done.stderr
     check_story(run, flags)
     ratios = scalars(run, "charts/replay_ratio")  # trainers may lag the actor, never lead it
     assert all(0 <= ratio <= 1 + 1e-6 for _, ratio in ratios) and ratios[-1] == (80, 1.0)
-    assert "trainers ['cpu', 'cpu'] (gloo)" in done.stdout
+    assert "reanalyze ['cpu', 'cpu'], trainers ['cpu', 'cpu'] (gloo)" in done.stdout
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     checksums = state["counters"]["replica_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]  # both trainers ended with the same weights
@@ -2399,8 +2602,11 @@ def test_layout_runs_and_resumes(tmp_path):
     assert state["counters"]["env_steps"] == 80 and int(state["buffer"]["counters"][0]) * 2 == 80
     assert state["updates"] == 80 - 32 + 2 == 2 * adam_steps(state)  # 50 batches in 25 steps of 2 trainers
     reanalyzed = state["counters"]["reanalyzed_sequences"]
-    # each trained batch of 4 had its first 1 (--reanalyze-fraction 0.25) reanalysed; a few more were sampled ahead
-    assert 50 <= reanalyzed <= 50 + 2 * M.LOOKAHEAD and int(state["buffer"]["reanalyzed"].sum()) > 0
+    # each trained batch of 4 had its first 1 (--reanalyze-fraction 0.25) reanalysed; a few more were sampled
+    # ahead: each trainer holds 1 + 2 workers / 2 trainers = 2 batches
+    assert 50 <= reanalyzed <= 50 + 2 * 2 and int(state["buffer"]["reanalyzed"].sum()) > 0
+    per_worker = re.search(r"reanalysed sequences per worker: ([\d,]+) \(cpu\), ([\d,]+) \(cpu\)$", done.stdout, re.M)
+    assert per_worker and sum(int(n.replace(",", "")) for n in per_worker.groups()) == reanalyzed, done.stdout
     last_row = 80 // 2 - 1  # of each env's 100 rows; ALE's envs cannot be saved, so the resume cuts their episodes
     running = ~(state["buffer"]["terminal"][last_row] | state["buffer"]["truncated"][last_row])
 
@@ -2428,12 +2634,14 @@ def test_layout_without_nce(tmp_path):
 def test_torchrun_two_nodes(tmp_path):
     port = str(29500 + os.getpid() % 1000)
     flags = [*TINY, "--devices", "cpu,cpu,cpu", "--total-env-steps", "80", "--run-dir", str(tmp_path / "run")]
-    nodes = [subprocess.Popen([PYTHON, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
-                               "muzero_nce.py", *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=ENV) for rank in (0, 1)]
-    outputs = [node.communicate(timeout=240)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs
+    nodes = [Watched("-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
+                     "--master-addr", "127.0.0.1", "--master-port", port, "muzero_nce.py", *flags) for rank in (0, 1)]
+    try:
+        codes, outputs = zip(*[node.finish(240 if rank == 0 else 60) for rank, node in enumerate(nodes)])
+    finally:  # a node that failed its deadline took only its own group down
+        for node in nodes:
+            kill_group(node.process)
+    assert codes == (0, 0), outputs
     assert "node 1/2" in outputs[0] and "node 2/2" in outputs[1]
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     checksums = state["counters"]["replica_checksums"]
@@ -2448,20 +2656,13 @@ def default_sigint():
 
 
 def start_layout(tmp_path, *flags):
-    process = subprocess.Popen([PYTHON, "muzero_nce.py", *LAYOUT, "--total-env-steps", "100000",
-                                "--run-dir", str(tmp_path / "run"), *flags], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
-                               start_new_session=True,  # its own process group, as under a terminal
-                               preexec_fn=default_sigint)
-    pids, lines = {}, []
-    for line in process.stdout:
-        lines.append(line)
-        if line.startswith("started"):
-            pids = {name: int(pid) for name, pid in re.findall(r"(\w+ \d) \(pid (\d+)\)", line)}
-        if line.startswith("env 80 "):  # training is under way
-            break
-    assert len(pids) == 4, "".join(lines)
-    return process, pids, lines
+    """The layout on its way to 100,000 env steps, once training is under way."""
+    run = Watched("muzero_nce.py", *LAYOUT, "--total-env-steps", "100000", "--run-dir", str(tmp_path / "run"), *flags)
+    started = run.wait_for(lambda line: line.startswith("started"), 120, "'started' line")
+    pids = {name: int(pid) for name, pid in re.findall(r"(\w+ \d) \(pid (\d+)\)", started or "")}
+    assert len(pids) == 4, "".join(run.lines)
+    run.wait_for_progress(80, 240)  # None if the run ended first: the test's own checks say why
+    return run, pids
 
 
 def alive(pid):
@@ -2475,12 +2676,12 @@ def alive(pid):
 @pytest.mark.parametrize("how", ["kill", "raise"])
 def test_failed_trainer_brings_the_run_down(tmp_path, how):
     flags = ["--fault-after", "60"] if how == "raise" else []
-    process, pids, lines = start_layout(tmp_path, *flags)
+    run, pids = start_layout(tmp_path, *flags)
     start = time.time()
     if how == "kill":
         os.kill(pids["trainer 1"], signal.SIGKILL)
-    output = process.communicate(timeout=60)[0]
-    assert process.returncode != 0 and time.time() - start < 30
+    code, output = run.finish(60)
+    assert code != 0 and time.time() - start < 30, output
     if how == "kill":
         assert "trainer 1 died (killed by signal 9)" in output
     else:
@@ -2491,11 +2692,11 @@ def test_failed_trainer_brings_the_run_down(tmp_path, how):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_stops_everything_and_checkpoints(tmp_path, sig):
-    process, pids, _ = start_layout(tmp_path)
+    run, pids = start_layout(tmp_path)
     start = time.time()
-    os.killpg(process.pid, sig)  # to the whole group, as a terminal's Ctrl-C or a scheduler does
-    output = process.communicate(timeout=90)[0]
-    assert process.returncode == 130 and time.time() - start < 30, output
+    os.killpg(run.process.pid, sig)  # to the whole group, as a terminal's Ctrl-C or a scheduler does
+    code, output = run.finish(90)
+    assert code == 130 and time.time() - start < 30, output
     assert "interrupted: stopping all processes and saving a checkpoint" in output
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert state["updates"] > 0
@@ -2515,8 +2716,7 @@ def test_resume_repeats_an_uninterrupted_run(tmp_path):
              "--reanalyze-fraction", "0.5", "--publish-interval", "7", "--target-update-interval", "5",
              "--save-buffer", "--keep-checkpoints"]
     code = "import sys, test_smoke as t; t.M.train(t.M.parse_args(sys.argv[1:]), t.env_fn)"
-    run = lambda *extra: subprocess.run([PYTHON, "-c", code, *flags, *extra], cwd=REPO, capture_output=True,
-                                        text=True, timeout=240, env=ENV)
+    run = lambda *extra: run_to_end(["-c", code, *flags, *extra], timeout=240)
     straight = run("--run-dir", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
     middle = tmp_path / "straight" / "checkpoint_96.pt"
@@ -2575,15 +2775,11 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_in_the_single_process_checkpoints(tmp_path, sig):
-    process = subprocess.Popen([PYTHON, "muzero_nce.py", *TINY, "--total-env-steps", "100000", "--run-dir",
-                                str(tmp_path / "run")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=ENV, preexec_fn=default_sigint)
-    for line in process.stdout:
-        if line.startswith("env 80 "):
-            break
-    process.send_signal(sig)
-    output = process.communicate(timeout=60)[0]
-    assert process.returncode == 130 and "interrupted: checkpoint saved" in output, output
+    run = Watched("muzero_nce.py", *TINY, "--total-env-steps", "100000", "--run-dir", str(tmp_path / "run"))
+    assert run.wait_for_progress(80, 240), "".join(run.lines)
+    run.process.send_signal(sig)
+    code, output = run.finish(60)
+    assert code == 130 and "interrupted: checkpoint saved" in output, output
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["counters"]["env_steps"] >= 80
 
 
@@ -2943,7 +3139,8 @@ def test_q_network_acting_with_zero_simulations():
     decodes from h-space, or with C51 is the mean over the atoms; a fresh Q head gives Q = 0."""
     obs = torch.randint(0, 256, (12, 4, 3, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for distributional in ([], ["--distributional"]):
-        args = Q.parse_args(["--channels", "8", "--support-size", "5", "--no-nce", *distributional])
+        args = Q.parse_args(["--encoder", "resnet", "--channels", "8", "--support-size", "5", "--no-nce",
+                             *distributional])
         torch.manual_seed(0)
         net = Q.QNet((1, 3, 7), 4, 3, args).eval()
         with torch.no_grad():
@@ -2961,9 +3158,15 @@ def test_q_network_acting_with_zero_simulations():
 
 
 def test_epsilon_schedule():
-    args = Q.parse_args(["--epsilon", "0.05", "--epsilon-decay-steps", "1000"])
-    assert [Q.epsilon_schedule(args, s) for s in (0, 500, 1000, 5000)] == pytest.approx([1.0, 0.525, 0.05, 0.05])
-    assert Q.epsilon_schedule(Q.parse_args([]), 0) == 0.01  # the original: --epsilon from the first step
+    """1 while the buffer warms up, then linear to --epsilon (Dopamine's, as DrQ(eps)); the
+    defaults anneal it (1 until 1,600 steps, 0.01 from 6,600); 0 decay steps give the
+    original's constant epsilon."""
+    args = Q.parse_args(["--epsilon", "0.05", "--epsilon-decay-steps", "1000", "--learning-starts", "400"])
+    assert [Q.epsilon_schedule(args, s) for s in (0, 400, 900, 1400, 5000)] == pytest.approx([1, 1, 0.525, 0.05, 0.05])
+    defaults = Q.parse_args([])
+    assert [Q.epsilon_schedule(defaults, s) for s in (0, 1600, 4100, 6600, 10**5)] == pytest.approx(
+        [1, 1, 0.505, 0.01, 0.01])
+    assert Q.epsilon_schedule(Q.parse_args(["--epsilon-decay-steps", "0"]), 0) == 0.01
 
 
 # ---- targets: double n-step Q and C51 -----------------------------------------------------------
@@ -2978,10 +3181,13 @@ def test_greedy_values_double_and_plain():
 
 def test_learner_bootstrap_uses_the_right_networks():
     """Learner.bootstrap against the nets themselves: the target net's Q of the online net's
-    greedy action (--double-q), its own max (--no-double-q), and with C51 that action's
+    greedy action (--double-q), its own max (--no-double-q, and with a target refreshed every
+    update, the default, which is then the online net: one pass), and with C51 that action's
     distribution from the target net."""
-    for flags in ([], ["--no-double-q"], ["--distributional"]):
-        args = Q.parse_args(["--device", "cpu", "--channels", "8", "--support-size", "5", "--no-nce", *flags])
+    apart = ["--target-update-interval", "100"]
+    for flags in (apart, ["--no-double-q"], ["--distributional", *apart], []):
+        args = Q.parse_args(["--device", "cpu", "--encoder", "resnet", "--channels", "8", "--support-size", "5",
+                             "--no-nce", *flags])
         torch.manual_seed(1)
         net = Q.QNet((1, 3, 7), 4, 3, args)
         learner = Q.Learner(net, args, torch.device("cpu"))
@@ -2989,12 +3195,17 @@ def test_learner_bootstrap_uses_the_right_networks():
         g = torch.Generator().manual_seed(2)
         for module in (net, learner.target):  # two different Q heads
             randomise_q_head(module, obs.flatten(0, 1), g)
+        online_calls = []
+        hook = net.representation.register_forward_hook(lambda *_: online_calls.append(1))
         with torch.no_grad():
             values, probs = learner.bootstrap(obs)
+        hook.remove()
+        assert len(online_calls) == (1 if "--target-update-interval" in flags else 0), flags
+        with torch.no_grad():
             net.eval()
             logits_t = learner.target.initial_inference(obs.flatten(0, 1))[1]
             q_t, q_o = learner.target.q_values(logits_t), net.q_values(net.initial_inference(obs.flatten(0, 1))[1])
-        greedy = q_t.argmax(-1) if "--no-double-q" in flags else q_o.argmax(-1)
+        greedy = q_o.argmax(-1) if "--target-update-interval" in flags else q_t.argmax(-1)
         assert (q_t.argmax(-1) != q_o.argmax(-1)).any()  # the two choices differ somewhere
         torch.testing.assert_close(values, q_t.gather(1, greedy[:, None]).view(4, 5))
         if "--distributional" in flags:
@@ -3043,7 +3254,8 @@ def test_q_targets_match_hand_computation(per_sample):
     values = torch.randn(len(cases), K + n + 1, generator=torch.Generator().manual_seed(1)) * 3
     td = (torch.randint(1, n + 1, (len(cases),), generator=torch.Generator().manual_seed(2)) if per_sample
           else torch.full((len(cases),), n))
-    targets, q_targets = Q.q_learning_targets(seq, values, None, td if per_sample else n, args, S)
+    targets = M.n_step_targets(seq, None, K, td if per_sample else n, d, S)
+    targets, q_targets = Q.q_learning_targets(seq, targets, values.gather(1, targets.bootstrap_row), None, args, S)
     assert torch.equal(q_targets.actions, seq.action[:, o:o + K + 1])
     torch.testing.assert_close(q_targets.probs, M.scalar_to_support(targets.value, 20))
     for b, (kind, j) in enumerate(cases):
@@ -3110,7 +3322,9 @@ def test_c51_targets_at_episode_ends():
         if kind is not None:
             (seq.terminal if kind == "terminal" else seq.truncated)[b, j] = True
     probs = torch.softmax(torch.randn(len(cases), W, Mn, generator=g), -1)
-    targets, q_targets = Q.q_learning_targets(seq, torch.zeros(len(cases), W), probs, n, args, S)
+    targets = M.n_step_targets(seq, None, K, n, d, S)
+    at_rows = probs.gather(1, targets.bootstrap_row[..., None].expand(-1, -1, Mn))
+    targets, q_targets = Q.q_learning_targets(seq, targets, torch.zeros(len(cases), K + 1), at_rows, args, S)
     atoms = torch.linspace(-5, 5, Mn)
     for b, (kind, j) in enumerate(cases):
         rows, discounts = hand_bootstrap(kind, j, K, n, d)
@@ -3231,8 +3445,8 @@ def test_q_learning_solves_the_corridor(tmp_path, mode):
 def test_q_reanalyze_writes_a_fresh_search():
     """reanalyze searches rows t..t+K+n of each sequence again and writes back exactly what a
     fresh search there gives: max root Q, the network's max Q, the visit distribution."""
-    args = Q.parse_args(["--device", "cpu", "--channels", "8", "--support-size", "5", "--no-nce", "--num-envs", "2",
-                         "--num-simulations", "3", "--jumps", "1", "--td-steps", "2", "--buffer-size", "40",
+    args = Q.parse_args(["--device", "cpu", "--encoder", "resnet", "--channels", "8", "--support-size", "5", "--no-nce",
+                         "--num-envs", "2", "--num-simulations", "3", "--jumps", "1", "--td-steps", "2", "--buffer-size", "40",
                          "--learning-starts", "16", "--batch-size-per-worker", "2"])
     g = torch.Generator().manual_seed(0)
     buffer = Q.ReplayBuffer(40, 2, (1, 3, 7), 2, 1, 1, 2)
@@ -3277,8 +3491,7 @@ Q_TINY = ["--device", "cpu", "--num-envs", "2", "--channels", "8", "--reduced-ch
 def test_q_original_commands_run(tmp_path, name):
     run = tmp_path / "run"
     sims = [] if name == "pure" else ["--num-simulations", "2", "--eval-simulations", "2"]
-    done = subprocess.run([PYTHON, "q_learning.py", *ORIGINAL_COMMANDS[name].split(), *Q_TINY, *sims,
-                           "--run-dir", str(run)], cwd=REPO, capture_output=True, text=True, timeout=240, env=ENV)
+    done = run_to_end(["q_learning.py", *ORIGINAL_COMMANDS[name].split(), *Q_TINY, *sims, "--run-dir", str(run)])
     assert done.returncode == 0, done.stderr
     assert re.search(r"env 80 \| .* env/s \| .* sims/s \| .* upd/s", done.stdout)
     assert "epsilon 0.001 on the root's Q" in done.stdout  # the evaluation protocol line
@@ -3303,10 +3516,9 @@ def test_q_layout_with_two_gloo_trainers_and_reanalyze(tmp_path):
     weights, and a reanalyze process refreshing the max root Q that --search-value-targets
     bootstraps from."""
     run = tmp_path / "run"
-    done = subprocess.run([PYTHON, "q_learning.py", "--game", "ms_pacman", *Q_TINY, "--num-simulations", "2",
-                           "--eval-simulations", "2", "--num-trainers", "2", "--reanalyze-workers", "1",
-                           "--reanalyze-fraction", "0.5", "--search-value-targets", "--run-dir", str(run)],
-                          cwd=REPO, capture_output=True, text=True, timeout=240, env=ENV)
+    done = run_to_end(["q_learning.py", "--game", "ms_pacman", *Q_TINY, "--num-simulations", "2", "--eval-simulations",
+                       "2", "--num-trainers", "2", "--reanalyze-workers", "1", "--reanalyze-fraction", "0.5",
+                       "--search-value-targets", "--run-dir", str(run)])
     assert done.returncode == 0, done.stderr
     assert "reanalyze ['cpu'], trainers ['cpu', 'cpu'] (gloo)" in done.stdout
     state = torch.load(run / "checkpoint.pt", weights_only=False)

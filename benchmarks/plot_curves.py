@@ -5,15 +5,20 @@
 One panel per run, against env steps: the evaluation return (mean over --eval-episodes, with a
 band of one standard deviation), every training episode's return with the mean of the last 20,
 and the game's random-policy score as a dashed line. The panel's title holds the game and the
-exact command that started the run (and each command that resumed it). The events are read with
-tensorboard's own reader (EventAccumulator); the game and the commands come from the run's
-`command` and `args` texts, or else from its checkpoint.pt.
+command that started the run (and each command that resumed it) as a user types them: the run
+directory the run recorded (its --run-dir, often absolute, also inside --resume <dir>/checkpoint.pt)
+is shown as the RUN_DIR given here, and any other absolute path relative to the current directory
+when it lies inside it, else as .../<its last two components>, so that no plot names a path of the
+machine the run was made on. The events are read with tensorboard's own reader (EventAccumulator);
+the game, the run directory and the commands come from the run's `command` and `args` texts, or
+else from its checkpoint.pt.
 
 matplotlib is a dependency of this benchmark only, not of muzero_nce.py: pip install matplotlib
 """
 import argparse
 import os
 import re
+import shlex
 import sys
 import textwrap
 from collections import defaultdict
@@ -55,18 +60,47 @@ def read_events(run_dir):
 
 
 def game_and_commands(run_dir, texts):
-    """The run's game and the commands that started and resumed it: from its texts, or else
-    from its checkpoint (a run written before the command was logged)."""
-    games = [match for table in texts.get("args", []) for match in re.findall(r"^\|--game\|(.+)\|$", table, re.M)]
+    """The run's game, the commands that started and resumed it and the run directories it
+    recorded (--run-dir as each process got it): from its texts, or else from its checkpoint
+    (a run written before the command was logged)."""
+    def flag(name):  # its values in the args tables
+        return [value for table in texts.get("args", [])
+                for value in re.findall(rf"^\|--{name}\|(.+)\|$", table, re.M)]
+    games, recorded = flag("game"), {path for path in flag("run-dir") if path != "None"}
     commands = list(dict.fromkeys(texts.get("command", [])))  # in order, each once
     if games and commands:
-        return games[0], commands
+        return games[0], commands, recorded
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
         fail(f"{run_dir}: its events hold no command, and it has no checkpoint.pt to read it from")
     import torch
     saved = torch.load(path, map_location="cpu", weights_only=False)["args"]
-    return saved["game"], commands or [saved.get("command", "(command not recorded)")]
+    return (saved["game"], commands or [saved.get("command", "(command not recorded)")],
+            recorded | ({saved["run_dir"]} if saved.get("run_dir") else set()))
+
+
+def as_typed(command, recorded, run_dir):
+    """The command with each recorded run directory in it (a word, or a word's start before a
+    /) written as run_dir, and any other absolute path relative to the current directory if it
+    lies inside it, else as .../<its last two components> (see the module's docstring)."""
+    def path(word):
+        for old in (old.rstrip("/") for old in recorded):
+            if word == old or word.startswith(old + "/"):
+                return run_dir.rstrip("/") + word[len(old):]
+        if not os.path.isabs(word):
+            return word
+        relative = os.path.relpath(word)
+        return os.path.join("...", *word.split("/")[-2:]) if relative.split(os.sep)[0] == ".." else relative
+
+    def shown(word):  # a --flag=value word keeps its --flag=
+        flag, value = re.fullmatch(r"(-[\w-]*=)?(.*)", word, re.S).groups("")
+        return flag + path(value)
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: not a recorded command line
+        return command
+    typed = [shown(word) for word in words]
+    return shlex.join(typed) if typed != words else command
 
 
 def running_mean(values, window):
@@ -75,7 +109,8 @@ def running_mean(values, window):
 
 def draw_run(ax, run_dir, random_score):
     scalars, texts = read_events(run_dir)
-    game, commands = game_and_commands(run_dir, texts)
+    game, commands, recorded = game_and_commands(run_dir, texts)
+    commands = [as_typed(command, recorded, run_dir) for command in commands]
     if random_score is None:
         if game not in RANDOM_SCORES:
             fail(f"{run_dir}: no random score for {game} in the table ({', '.join(RANDOM_SCORES)}); "

@@ -5,7 +5,10 @@
     python benchmarks/throughput.py qsearch    # q_learning.py's Q search beside pUCT search, same table model
     python benchmarks/throughput.py actor      # actor env steps/s: ms_pacman, 64 envs, default network, 50 sims
     python benchmarks/throughput.py learner    # trainer updates/s: default network and batch (200 x 5 unroll steps)
-    python benchmarks/throughput.py update     # one training update and one actor step at the defaults, split by part
+    python benchmarks/throughput.py update     # one training update and one actor step at the defaults, split by
+                                               # part, with their roots, network rows and syncs; a 100k run projected
+    python benchmarks/throughput.py compare    # the update of this muzero_nce.py against an older one (--against),
+                                               # reduced network, timed in turns
     python benchmarks/throughput.py busy       # the search and the actor, quiet and beside a busy-loop process
     python benchmarks/throughput.py layout     # env steps/s: the single process vs the process layout
     add --device cuda to run on the GPU (layout: --devices cuda:0,cuda:0,cuda:0 shares one GPU)
@@ -15,13 +18,16 @@ The search against DeepMind's mctx and LightZero's C++ tree is ../shared/bench/s
 """
 import argparse
 import collections
+import inspect
 import math
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -193,9 +199,10 @@ def bench_actor(device, repeats, sync, num_envs=64, sims=50):
           f"{num_envs * sims / seconds:,.0f} sims/s ({seconds * 1000:.0f} ms per step)")
 
 
-def filled_buffer(args, frame_shape=(3, 96, 96), num_actions=9, stack=4, E=64, T=64):
+def filled_buffer(args, frame_shape=(3, 96, 96), num_actions=9, stack=4, E=64, T=64, M=muzero_nce, device=None):
     """Synthetic data: the cost of an update does not depend on its content."""
-    buffer = muzero_nce.ReplayBuffer(E * T, E, frame_shape, num_actions, stack, args.jumps, args.td_steps)
+    where = {} if device is None else {"device": device}
+    buffer = M.ReplayBuffer(E * T, E, frame_shape, num_actions, stack, args.jumps, args.td_steps, **where)
     for t in range(T):
         buffer.add(torch.randint(0, 256, (E, *frame_shape), dtype=torch.uint8), torch.rand(E),
                    torch.zeros(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool), torch.full((E,), t),
@@ -263,32 +270,89 @@ class Clock:
             print(f"  {part:<34} {seconds:>9.3f} s  {100 * seconds / total:5.1f}%")
 
 
-def bench_update(device, repeats, sync):
-    """One training update at the defaults (200 sequences, reanalyze refreshing all of them: 200 x
-    11 roots, 50 simulations; then the learner's step) and one actor step (64 envs, 50
-    simulations), each split into tree ops, network calls, learner, buffer, copies, env; and the
-    wall-clock of a 100k-step run projected from them."""
-    M = muzero_nce
-    args = default_args("--num-envs", "64")
-    net = M.MuZeroNet((3, 96, 96), 4, 9, args).to(device)
-    learner, acting = M.Learner(net, args, device), M.MuZeroNet((3, 96, 96), 4, 9, args).to(device).eval()
-    buffer = filled_buffer(args)
-    sampler, noise = M.make_generator("cpu", 0), M.make_generator(device, 1)
-    actor, actor_net = make_actor(device)
+class Counts:
+    """What one update or actor step asks of the hardware: the roots searched, the network rows
+    (observations through the representation, latents through the dynamics), each counted as
+    forward only (search, reanalyze, bootstrap values) or forward and backward (the learner),
+    and the host-device syncs. Syncs are counted on CUDA only, by torch.cuda.set_sync_debug_mode's
+    warnings: every call that makes the host wait for the GPU (.item(), .cpu(), bool() of a
+    device tensor, ...). On a CPU nothing waits, so they print as '-'."""
 
-    def update():  # train()'s update at --reanalyze-fraction 1
+    def __init__(self, M, device, *nets):
+        self.M, self.device, self.values, self.hooks = M, device, collections.Counter(), []
+        self.real_run_search = M.run_search
+
+        def run_search(net, obs, *args, **kwargs):
+            self.values["roots searched"] += len(obs)
+            return self.real_run_search(net, obs, *args, **kwargs)
+        M.run_search = run_search
+        for net in nets:  # the rows through each net's representation and dynamics
+            for part in ("representation", "dynamics"):
+                def hook(module, inputs, output, part=part):
+                    kind = "forward and backward" if torch.is_grad_enabled() else "forward"
+                    self.values[f"{part} rows, {kind}"] += len(inputs[0])
+                self.hooks.append(getattr(net, part).register_forward_hook(hook))
+
+    def run(self, fn):
+        """fn(), its syncs counted on CUDA."""
+        if self.device.type != "cuda":
+            return fn()
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                self.values["host-device syncs"] += sum("synchroniz" in str(w.message) for w in caught)
+
+    def restore(self):
+        self.M.run_search = self.real_run_search
+        for hook in self.hooks:
+            hook.remove()
+
+
+def single_process_update(M, args, device, frame_shape=(3, 96, 96), num_actions=9):
+    """train()'s update, built from `M`'s parts (M: muzero_nce, or a version of it before the
+    buffer could live on the device): sample a batch, reanalyze its first --reanalyze-fraction
+    with the target network (the older version searched with the acting copy, which costs the
+    same), train, write the priorities. Returns update() and the learner."""
+    net = M.MuZeroNet(frame_shape, 4, num_actions, args).to(device)
+    learner = M.Learner(net, args, device)
+    on_device = "device" in inspect.signature(M.ReplayBuffer).parameters  # this version: where train() puts it
+    where = M.buffer_device(args, device, frame_shape, num_actions) if on_device else torch.device("cpu")
+    buffer = filled_buffer(args, frame_shape, num_actions, M=M, device=where if on_device else None)
+    sampler, noise = M.make_generator(where, 0), M.make_generator(device, 1)
+    refresh = round(args.reanalyze_fraction * args.batch_size_per_worker)
+
+    def update():
         time_, env, weights, td_steps = M.sample_batch(buffer, args, 0, sampler)
-        M.reanalyze(acting, buffer, time_, env, args, device, noise)
+        M.reanalyze(learner.target, buffer, time_[:refresh], env[:refresh], args, device, noise)
         seq = M.Sequences(*(x.to(device) for x in buffer.window(time_, env)))
         _, priorities = learner.train_step(seq, time_, env, weights.to(device), td_steps)
-        buffer.update_priorities(time_, env, priorities.cpu())
+        buffer.update_priorities(time_, env, priorities.to(where))
+    return update, learner
 
+
+def bench_update(device, repeats, sync, gpus=4):
+    """One training update at the defaults, as the single process runs it: 200 sequences sampled,
+    reanalyze with the target network (by default a search at the K+1 = 6 policy rows of each,
+    50 simulations, and the bootstrap values of the n = 5 rows after in one plain pass; with
+    --search-value-targets, a search at all 11), then the learner's step; and one actor step
+    (64 envs, 50 simulations). Each is split into tree ops, network calls, learner, buffer,
+    copies and env, with its roots searched, network rows and syncs (Counts). Then the
+    wall-clock of a 100k-step run projected from the parts, on one GPU and on `gpus`."""
+    M = muzero_nce
+    args = default_args("--num-envs", "64")
+    update, learner = single_process_update(M, args, device)
+    actor, actor_net = make_actor(device)
     step = lambda: actor.step(actor_net, 1.0)
-    update(), step()  # warm-up: allocator, caches
+    update(), step()  # warm-up: allocator, caches, compiled graphs
     sync()
-    totals = {}
+    totals, counts = {}, {}
     for name, fn in (("update", update), ("actor step", step)):
-        clock = Clock(sync)
+        clock, count = Clock(sync), Counts(M, device, learner.net, learner.target, actor_net)
         for owner, method, part in ((M.MuZeroNet, "initial_inference", "network calls"),
                                     (M.MuZeroNet, "recurrent_inference", "network calls"),
                                     (M, "search", "tree ops (search minus network)"),
@@ -305,18 +369,81 @@ def bench_update(device, repeats, sync):
         clock.patch(torch.Tensor, "cpu", "host-device copies")
         start = clock.mark = time.perf_counter()
         for _ in range(repeats):
-            fn()
+            count.run(fn)
         clock.switch(enter="other")  # credit the tail to the part it ran in
         clock.restore()
+        count.restore()
         totals[name] = (time.perf_counter() - start) / repeats
+        counts[name] = {k: v / repeats for k, v in count.values.items()}
         clock.seconds = collections.Counter({k: v / repeats for k, v in clock.seconds.items()})
         clock.report(f"{name} (mean of {repeats})", totals[name])
-    updates = M.updates_allowed(args.total_env_steps, args.learning_starts, 0, args)
-    steps = args.total_env_steps // args.num_envs
-    seconds = updates * totals["update"] + steps * totals["actor step"]
-    print(f"projected {args.total_env_steps:,}-step run (single process, no evaluation): {updates:,} updates x "
-          f"{totals['update']:.2f} s + {steps:,} actor steps x {totals['actor step']:.2f} s = "
-          f"{seconds / 3600:,.1f} h ({seconds / 86400:,.1f} days)")
+        totals[name + " parts"] = clock.seconds
+    print("per update / per actor step:")
+    for key in sorted(set(counts["update"]) | set(counts["actor step"])):
+        shown = lambda c: f"{c[key]:,.0f}" if key in c else "0"
+        print(f"  {key:<42} {shown(counts['update']):>10} {shown(counts['actor step']):>10}")
+    if device.type != "cuda":
+        print(f"  {'host-device syncs':<42} {'-':>10} {'-':>10}   (counted on CUDA only)")
+    project(args, totals, gpus)
+
+
+def project(args, totals, gpus):
+    """The wall-clock of a --total-env-steps run at the defaults, from the measured parts: per
+    update, reanalyze R (its network calls and tree ops, and writes), the learner L (its step,
+    the buffer's sample and window) and the actor A per env step (a step of 64 envs / 64, one
+    env step per update at the replay ratio of 1). On one device everything takes turns:
+    R + L + A per update. On N GPUs (the actor on GPU 0, trainers on 1..N-1, a reanalyze
+    worker on each), if the work spreads as the workers pull it: the larger of (R + L + A) / N,
+    L / (N - 1) and A per update. DDP's all-reduce and the processes' handovers are not in it."""
+    parts = totals["update parts"]
+    L = parts.get("learner forward/backward/step", 0) + parts.get("buffer: sample, window, stack", 0)
+    R = totals["update"] - L
+    A = totals["actor step"] / args.num_envs
+    updates = muzero_nce.updates_allowed(args.total_env_steps, args.learning_starts, 0, args)
+    steps = args.total_env_steps
+    one = updates * (R + L) + steps * A
+    per_update = max((R + L + A) / gpus, L / (gpus - 1), A)
+    many = updates * per_update + args.learning_starts * A
+    print(f"projected {steps:,}-step run: reanalyze {R:.3f} s + learner {L:.3f} s per update, actor {A * 1000:.1f} "
+          f"ms per env step; {updates:,} updates")
+    print(f"  one device, everything in turn:  {one / 3600:,.1f} h")
+    print(f"  {gpus} GPUs (actor on 0, trainers on 1..{gpus - 1}, reanalyze on all): {many / 3600:,.1f} h "
+          f"({one / many:.1f}x the updates/s of one)")
+
+
+def bench_compare(device, repeats, sync, against):
+    """The single process's update at the defaults of this muzero_nce.py and of the one at git
+    revision `against`, both on a reduced network (16 channels, small NCE heads and supports; the
+    batch, unroll, simulations and reanalyze fraction at their defaults), timed in turns in one
+    process by the same code (single_process_update), each with its own defaults."""
+    import importlib.util
+    old_path = os.path.join(tempfile.mkdtemp(prefix="muzero_old_"), "muzero_old.py")
+    with open(old_path, "w") as f:
+        f.write(subprocess.run(["git", "show", f"{against}:muzero_nce.py"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout)
+    spec = importlib.util.spec_from_file_location("muzero_old", old_path)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    reduced = ["--device", str(device), "--num-envs", "64", "--channels", "16", "--reduced-channels", "8",
+               "--proj-hidden", "64", "--proj-dim", "64", "--pred-hidden", "32", "--support-size", "50"]
+    updates = {}
+    for name, M in ((f"{against} (before)", old), ("this version", muzero_nce)):
+        args = M.parse_args(reduced)
+        updates[name] = single_process_update(M, args, device)[0]
+        updates[name]()  # warm-up
+    times = {name: [] for name in updates}
+    for _ in range(repeats):
+        for name, update in updates.items():
+            sync()
+            start = time.perf_counter()
+            update()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    print(f"one update at the defaults, reduced network ({' '.join(reduced[4:])}), median of {repeats}:")
+    for name, t in times.items():
+        print(f"  {name:<24} {statistics.median(t):.3f} s")
+    before, now = (statistics.median(t) for t in times.values())
+    print(f"  speed-up: {before / now:.2f}x")
 
 
 def bench_busy(device, repeats, sync):
@@ -352,35 +479,46 @@ def bench_busy(device, repeats, sync):
 def bench_layout(device, repeats, sync, devices=None):
     """Env steps per second of a whole run: the single process against the process layout at the
     same settings (env steps/s averaged over the progress lines after the first)."""
+    run_dir = tempfile.mkdtemp(prefix="bench_layout_")  # the runs' events and checkpoints, removed after
     common = ["--num-envs", "8", "--channels", "16", "--proj-hidden", "64", "--proj-dim", "64", "--pred-hidden", "32",
               "--support-size", "50", "--num-simulations", "8", "--batch-size-per-worker", "32", "--buffer-size", "8000",
               "--learning-starts", "400", "--total-env-steps", "2400", "--log-interval", "400", "--eval-interval", "0",
               "--eval-episodes", "1", "--eval-simulations", "1", "--max-episode-frames", "2000",
-              "--reanalyze-fraction", "0.25", "--train-steps-per-env-step", "0.25", "--run-dir", "/tmp/bench_layout"]
+              "--reanalyze-fraction", "0.25", "--train-steps-per-env-step", "0.25", "--run-dir", run_dir]
     devices = devices or ",".join(["cuda:0" if device.type == "cuda" else "cpu"] * 3)
-    for name, flags in (("single process", ["--num-trainers", "0", "--device", str(device)]),
-                        (f"layout ({devices})", ["--devices", devices])):
-        out = subprocess.run([sys.executable, "muzero_nce.py", *common, *flags], cwd=ROOT, capture_output=True,
-                             text=True, timeout=1800)
-        if out.returncode:
-            sys.exit(out.stderr)
-        rates = [float(r.replace(",", "")) for r in re.findall(r"\| ([\d,.]+) env/s", out.stdout)][1:-1]
-        updates = [float(r.replace(",", "")) for r in re.findall(r"\| ([\d,.]+) upd/s", out.stdout)][1:-1]
-        print(f"{name:>32}: {statistics.mean(rates):,.1f} env steps/s, {statistics.mean(updates):,.2f} updates/s")
+    try:
+        for name, flags in (("single process", ["--num-trainers", "0", "--device", str(device)]),
+                            (f"layout ({devices})", ["--devices", devices])):
+            out = subprocess.run([sys.executable, "muzero_nce.py", *common, *flags], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=1800)
+            if out.returncode:
+                sys.exit(out.stderr)
+            rates = [float(r.replace(",", "")) for r in re.findall(r"\| ([\d,.]+) env/s", out.stdout)][1:-1]
+            updates = [float(r.replace(",", "")) for r in re.findall(r"\| ([\d,.]+) upd/s", out.stdout)][1:-1]
+            print(f"{name:>32}: {statistics.mean(rates):,.1f} env steps/s, {statistics.mean(updates):,.2f} updates/s")
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["search", "qsearch", "actor", "learner", "update", "busy", "layout"])
+    parser.add_argument("part", choices=["search", "qsearch", "actor", "learner", "update", "compare", "busy",
+                                         "layout"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--devices", default=None, help="layout: the --devices list of the layout run")
+    parser.add_argument("--gpus", type=int, default=4, help="update: the GPU count to project a run on")
+    parser.add_argument("--against", default="4718e40", help="compare: the git revision to time against")
     args = parser.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"# {args.part} on {device}: {hardware(device)}")
     if args.part == "layout":
         bench_layout(device, args.repeats, sync, args.devices)
+    elif args.part == "update":
+        bench_update(device, args.repeats, sync, args.gpus)
+    elif args.part == "compare":
+        bench_compare(device, args.repeats, sync, args.against)
     else:
         {"search": bench_search, "qsearch": bench_qsearch, "actor": bench_actor, "learner": bench_learner,
          "update": bench_update, "busy": bench_busy}[args.part](device, args.repeats, sync)
