@@ -171,9 +171,9 @@ def build_parser():
                         "MuZero (Sequential Halving over Gumbel-sampled root actions, the improved policy as the "
                         "target), which keeps improving the policy with a few simulations")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="run pUCT's tree steps through torch.compile (2-4x faster tree ops; compiling takes seconds "
-                        "once per process and batch shape). Default: on with CUDA, off on a CPU, where the "
-                        "network's calls are nearly all of a run")
+                   help="run the search's tree steps (pUCT or Gumbel) through torch.compile (faster tree ops, 2-4x "
+                        "for pUCT; compiling takes seconds once per process and batch shape). Default: on with CUDA, "
+                        "off on a CPU, where the network's calls are nearly all of a run")
     g.add_argument("--c1", type=non_negative_float, default=1.25, help="pUCT exploration constant")
     g.add_argument("--c2", type=positive_float, default=19652.0, help="pUCT visit-count scale (MuZero's c2)")
     g.add_argument("--discount", type=fraction, default=0.997 ** 4,
@@ -925,7 +925,7 @@ def search(root_logits, root_value, root_embedding, recurrent_fn, num_simulation
         explore = exploration_table(num_simulations + 1, c1, c2, prior.device)
         if compile:
             tree = compiled_simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount,
-                                     explore, min_q_span)
+                                     COMPILED_WALK, COMPILED_END, lambda sim: (explore, min_q_span))
         else:
             walk = lambda tree, roots, sim: select(tree, roots, discount, explore, min_q_span)
             tree = simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount, walk)
@@ -946,21 +946,23 @@ def search(root_logits, root_value, root_embedding, recurrent_fn, num_simulation
 #   tree that reached its leaf stays put), so one host sync, "is any tree still going down?",
 #   usually covers a simulation's whole walk. Paths come padded to a multiple of DESCEND_LEVELS,
 #   which backup allows (past the depth, a path repeats its leaf).
-# - the node index goes in as a 0-d tensor, not an int, which the graph would specialise on;
+# - the node index (and Gumbel's Sequential Halving step) goes in as a 0-d tensor, not an int,
+#   which the graph would specialise on;
 # - the end of a simulation (expand and backup) and the first levels of the next walk are one call.
+# Gumbel MuZero's search (below) takes the same path with its own walk, gumbel_walk_levels.
 # The eager path above stays the reference; the tests check that both grow the same trees.
 DESCEND_LEVELS = 4
 
 
-def walk_levels(tree, rows, active, discount, explore, min_span, levels):
-    """`levels` levels of select's walk from the node rows [B] of the trees still `active` [B].
-    Returns the rows visited and the actions taken there [B, levels], the levels each tree went
-    down [B], the rows and active flags reached [B], and whether any tree is still active."""
-    scale, shift = q_normaliser(tree.bounds, min_span)
+def descend_levels(tree, rows, active, choose, levels):
+    """`levels` levels of descend's walk without looking, from the node rows [B] of the trees
+    still `active` [B], taking the actions choose(rows) [B]; a tree whose action is unexpanded
+    stays put. Returns the rows visited and the actions taken there [B, levels], the levels each
+    tree went down [B], the rows and active flags reached [B], and whether any tree is still active."""
     children, A = tree.children.view(-1), tree.children.shape[-1]
     path, actions, went = [], [], []
     for _ in range(levels):
-        action = puct_scores(tree, rows, discount, explore, scale, shift).argmax(1)  # ties: lowest index
+        action = choose(rows)
         child = children.index_select(0, rows * A + action)
         active = active & (child >= 0)
         path.append(rows), actions.append(action), went.append(active)
@@ -968,13 +970,20 @@ def walk_levels(tree, rows, active, discount, explore, min_span, levels):
     return torch.stack(path, 1), torch.stack(actions, 1), torch.stack(went, 1).sum(1), rows, active, active.any()
 
 
+def walk_levels(tree, rows, active, discount, explore, min_span, levels):
+    """`levels` levels of select's walk (see descend_levels)."""
+    scale, shift = q_normaliser(tree.bounds, min_span)
+    choose = lambda rows: puct_scores(tree, rows, discount, explore, scale, shift).argmax(1)  # ties: lowest index
+    return descend_levels(tree, rows, active, choose, levels)
+
+
 def end_simulation(tree, sim, path, actions, depth, reward, value, logits, embedding, roots, discount, discounts,
-                   explore, min_span):
-    """Expand and back up simulation `sim`'s new leaves, then walk the next simulation's first levels."""
+                   walk, *rule):
+    """Expand and back up simulation `sim`'s new leaves, then walk the next simulation's first
+    levels by `walk` (walk_levels or gumbel_walk_levels) with its selection rule's arguments."""
     expand(tree, sim, path[:, -1], actions[:, -1], reward, value, logits, embedding)
     backup(tree, path, actions, depth, roots + sim, value, discount, discounts)
-    return walk_levels(tree, roots, torch.ones_like(roots, dtype=torch.bool), discount, explore, min_span,
-                       DESCEND_LEVELS)
+    return walk(tree, roots, torch.ones_like(roots, dtype=torch.bool), discount, *rule, DESCEND_LEVELS)
 
 
 class Compiled:
@@ -1012,11 +1021,14 @@ class Compiled:
             return self.step(tree, *args)
 
 
-COMPILED_WALK, COMPILED_END = Compiled(walk_levels), Compiled(end_simulation)
+COMPILED_WALK, COMPILED_END = Compiled(walk_levels), Compiled(end_simulation)  # and Gumbel's, below
 
 
-def compiled_simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount, explore, min_span):
-    """simulate with pUCT's select, through the compiled steps. Returns the Tree."""
+def compiled_simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount, walk, end, rule):
+    """simulate through compiled steps: `walk` (walk_levels or gumbel_walk_levels, Compiled) and
+    `end` (end_simulation, Compiled, walking by walk's step). rule(sim) is the tuple of the walk's
+    arguments after the discount in simulation sim (Gumbel's Sequential Halving step changes with
+    it). Returns the Tree."""
     B, A = prior.shape
     N = num_simulations + 1
     tree = init_tree(prior, root_value, root_embedding, N)
@@ -1024,20 +1036,20 @@ def compiled_simulate(prior, root_value, root_embedding, recurrent_fn, num_simul
     roots = torch.arange(B, device=prior.device) * N                           # node rows of the roots
     node = torch.arange(N, device=prior.device)                                # node i as a 0-d tensor: node[i]
     embeddings = tree.embedding.view((B * N,) + tree.embedding.shape[2:])
-    walked = COMPILED_WALK(tree, roots, torch.ones_like(roots, dtype=torch.bool), discount, explore, min_span,
-                           DESCEND_LEVELS)
+    walked = walk(tree, roots, torch.ones_like(roots, dtype=torch.bool), discount, *rule(1), DESCEND_LEVELS)
     for sim in range(1, N):
         path, actions, depth, rows, active, deeper = walked
         while deeper:  # one host sync per DESCEND_LEVELS levels
-            more_path, more_actions, more_depth, rows, active, deeper = COMPILED_WALK(
-                tree, rows, active, discount, explore, min_span, DESCEND_LEVELS)
+            more_path, more_actions, more_depth, rows, active, deeper = walk(tree, rows, active, discount, *rule(sim),
+                                                                             DESCEND_LEVELS)
             path, actions = torch.cat([path, more_path], 1), torch.cat([actions, more_actions], 1)
             depth = depth + more_depth
         reward, value, logits, embedding = recurrent_fn(embeddings.index_select(0, path[:, -1]), actions[:, -1])
-        # graphs for paths of one and two walks; a deeper one (rare) ends eagerly
-        end = COMPILED_END if path.shape[1] <= 2 * DESCEND_LEVELS else end_simulation
-        walked = end(tree, node[sim], path, actions, depth, reward.float(), value.float(), logits, embedding, roots,
-                     discount, discounts, explore, min_span)
+        # graphs for paths of one and two walks; a deeper one (rare in pUCT, less so in Gumbel's narrower trees)
+        # ends eagerly
+        step = end if path.shape[1] <= 2 * DESCEND_LEVELS else end.step
+        walked = step(tree, node[sim], path, actions, depth, reward.float(), value.float(), logits, embedding, roots,
+                      discount, discounts, walk.step, *rule(sim + 1))
     return tree
 
 
@@ -1107,6 +1119,13 @@ def halving_scores(gumbel, logits, sigma, visits, considered):
     return score.masked_fill(visits != considered, -math.inf)
 
 
+def halving_action(tree, roots, discount, c_visit, c_scale, gumbel, logits, considered):
+    """Sequential Halving's action [B] at the roots [B]: of the actions with `considered` visits
+    (an int or a 0-d tensor), the one with the largest gumbel + logits + sigma(completed Q)."""
+    sigma, visits, _ = sigma_completed_q(tree, roots, discount, c_visit, c_scale)
+    return halving_scores(gumbel, logits, sigma, visits, considered).argmax(1)
+
+
 def gumbel_interior_action(tree, rows, discount, c_visit, c_scale):
     """The paper's deterministic selection below the root: argmax_a pi'(a) - N(a) / (1 + sum_b N(b)),
     pi' the node's improved policy, so that the visit counts follow pi' (ties: the lowest index)."""
@@ -1115,14 +1134,30 @@ def gumbel_interior_action(tree, rows, discount, c_visit, c_scale):
     return (improved - n / (1 + n.sum(1, keepdim=True))).argmax(1)
 
 
+def gumbel_walk_levels(tree, rows, active, discount, c_visit, c_scale, gumbel, logits, considered, levels):
+    """`levels` levels of gumbel_search's walk (see descend_levels): halving_action at a root,
+    gumbel_interior_action below. A row is a root by its index, not by its level: a later call
+    continues a deep walk, and a tree whose root action is unexpanded stays at its root."""
+    roots = rows - rows % tree.children.shape[1]                                 # [B] the roots of the rows' trees
+    root_action = halving_action(tree, roots, discount, c_visit, c_scale, gumbel, logits, considered)
+    choose = lambda rows: torch.where(rows == roots, root_action,
+                                      gumbel_interior_action(tree, rows, discount, c_visit, c_scale))
+    return descend_levels(tree, rows, active, choose, levels)
+
+
+COMPILED_GUMBEL_WALK, COMPILED_GUMBEL_END = Compiled(gumbel_walk_levels), Compiled(end_simulation)
+
+
 @torch.no_grad()
 def gumbel_search(root_logits, root_value, root_embedding, recurrent_fn, num_simulations, *, discount=0.997,
-                  max_num_considered_actions=16, c_visit=50.0, c_scale=0.1, gumbel_scale=1.0, generator=None):
+                  max_num_considered_actions=16, c_visit=50.0, c_scale=0.1, gumbel_scale=1.0, generator=None,
+                  compile=True):
     """Batched Gumbel MuZero search, with search's inputs and outputs. The policy is the improved
     policy softmax(logits + sigma(completed Q)) [B, A]; the action is the Sequential Halving winner
     (of the most visited actions, the largest gumbel + logits + sigma). gumbel_scale=0 searches
     without Gumbel noise (evaluation): deterministic, the considered actions are then the most
-    probable ones. With 0 simulations the policy is the prior and the action argmax(gumbel + logits)."""
+    probable ones. With 0 simulations the policy is the prior and the action argmax(gumbel + logits).
+    compile=False takes the eager path (simulate); compile=True the compiled one, which grows the same trees."""
     logits = torch.log_softmax(root_logits.float(), -1)                         # [B, A]
     prior, root_value = logits.exp(), root_value.float()
     gumbel = gumbel_scale * sample_gumbel(logits, generator) if gumbel_scale else torch.zeros_like(logits)
@@ -1132,13 +1167,19 @@ def gumbel_search(root_logits, root_value, root_embedding, recurrent_fn, num_sim
 
     def walk(tree, roots, sim):
         # the root has had sim - 1 visits so far: its Sequential Halving step is schedule[sim - 1]
-        sigma, visits, _ = sigma_completed_q(tree, roots, discount, c_visit, c_scale)
-        root_action = halving_scores(gumbel, logits, sigma, visits, schedule[sim - 1]).argmax(1)
+        root_action = halving_action(tree, roots, discount, c_visit, c_scale, gumbel, logits, schedule[sim - 1])
         return descend(tree, roots, lambda rows, level: root_action if level == 0 else
                        gumbel_interior_action(tree, rows, discount, c_visit, c_scale))
 
     with torch.inference_mode():
-        tree = simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount, walk)
+        if compile:
+            considered = torch.tensor(schedule, device=logits.device)         # step s as a 0-d tensor: considered[s]
+            # as walk's schedule[sim - 1]; the last end step also walks a simulation that never comes
+            rule = lambda sim: (c_visit, c_scale, gumbel, logits, considered[min(sim, num_simulations) - 1])
+            tree = compiled_simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount,
+                                     COMPILED_GUMBEL_WALK, COMPILED_GUMBEL_END, rule)
+        else:
+            tree = simulate(prior, root_value, root_embedding, recurrent_fn, num_simulations, discount, walk)
         roots = torch.arange(len(logits), device=logits.device) * (num_simulations + 1)
         sigma, visit_counts, _ = sigma_completed_q(tree, roots, discount, c_visit, c_scale)
         most_visited = visit_counts.amax(1, keepdim=True)
@@ -1499,22 +1540,22 @@ def run_search(net, obs, args, num_simulations, temperature=0.0, noise=False, ge
     """initial_inference on observations [B, S*C, H, W], then the batched search (--search).
     `noise` is the root's Dirichlet noise (pUCT) or Gumbel noise (Gumbel). Gumbel MuZero plays
     the Sequential Halving winner: its Gumbel noise already samples the move, so `temperature`
-    (pUCT's visit-count temperature) does not apply to it. pUCT takes the compiled path where
-    --compile (by default: on CUDA) and the caller (`compile`) allow it."""
+    (pUCT's visit-count temperature) does not apply to it. Either search takes the compiled path
+    where --compile (by default: on CUDA) and the caller (`compile`) allow it."""
     with autocast(args, obs.device):
         latent, policy_logits, value_logits = net.initial_inference(obs)
     value = support_to_scalar(value_logits, net.support_size)
+    compile = compile and (args.compile if args.compile is not None else obs.device.type == "cuda")
     if args.search == "gumbel":
         out = gumbel_search(policy_logits, value, latent, make_recurrent_fn(net, args), num_simulations,
                             discount=args.discount, max_num_considered_actions=args.max_num_considered_actions,
                             c_visit=args.c_visit, c_scale=args.c_scale, gumbel_scale=1.0 if noise else 0.0,
-                            generator=generator)
+                            generator=generator, compile=compile)
         return out, value
     out = search(policy_logits, value, latent, make_recurrent_fn(net, args), num_simulations, discount=args.discount,
                  c1=args.c1, c2=args.c2, min_q_span=args.min_q_span, dirichlet_alpha=args.dirichlet_alpha,
                  dirichlet_fraction=args.dirichlet_fraction if noise else 0.0, temperature=temperature,
-                 generator=generator, compile=compile and (args.compile if args.compile is not None
-                                                           else obs.device.type == "cuda"))
+                 generator=generator, compile=compile)
     return out, value
 
 

@@ -272,7 +272,7 @@ def test_search_rows_are_independent():
 
 
 # ---------------------------------------------------------------------------------------------
-# 2b. the compiled search grows the eager search's trees
+# 2b. the compiled searches grow the eager searches' trees
 # ---------------------------------------------------------------------------------------------
 def deep_table_model(seed):
     """A table model whose prior all but forces action 0: paths grow deeper than two of the
@@ -306,22 +306,64 @@ def test_compiled_search_grows_the_same_trees(kind):
         assert float(compiled.root_value[b]) == pytest.approx(value, abs=1e-4, rel=1e-5), f"row {b}"
 
 
+@pytest.mark.parametrize("kind", ["random", "deep"])
+def test_compiled_gumbel_search_grows_the_same_trees(kind):
+    """The same for gumbel_search, with and without Gumbel noise (the same seeded draw), and the
+    plain recursive reference. One shape for both models, so its graphs compile once; fewer
+    considered actions than actions, so Gumbel-top-k picks a subset and the noise matters. The
+    deep model's paths go past 2 x DESCEND_LEVELS levels."""
+    model = TableModel(40, 4, 7) if kind == "random" else deep_table_model(8)
+    batch, sims, m, discount = (3, 24, 3, 0.997) if kind == "random" else (3, 24, 2, 0.9)
+    roots = roots_for(model, batch, 9)
+    trees = []
+    for seed in (None, 5):
+        eager, gumbel = run_gumbel(model, roots, sims, seed, discount=discount, max_num_considered_actions=m)
+        compiled, _ = run_gumbel(model, roots, sims, seed, discount=discount, max_num_considered_actions=m,
+                                 compile=True)
+        assert torch.equal(compiled.tree.children, eager.tree.children)
+        assert torch.equal(compiled.visit_counts, eager.visit_counts)
+        assert torch.equal(compiled.action, eager.action)
+        for field in ("nodes", "edges", "values"):  # fused arithmetic: equal up to rounding
+            torch.testing.assert_close(getattr(compiled.tree, field), getattr(eager.tree, field), rtol=1e-5,
+                                       atol=1e-5)
+        torch.testing.assert_close(compiled.policy, eager.policy, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(compiled.root_value, eager.root_value, rtol=1e-5, atol=1e-5)
+        for b in range(batch):  # and the plain reference, node for node
+            r = int(roots[b])
+            _, _, action, _, _, visits = reference_gumbel_search(model, r, gumbel[b].tolist(), sims, discount, m)
+            assert tree_visits(compiled.tree, b) == visits, f"row {b}"
+            assert int(compiled.action[b]) == action, f"row {b}"
+        trees.append(compiled.tree)
+    if kind == "random":
+        assert not torch.equal(trees[0].children, trees[1].children)  # the noise changed the search
+    else:
+        assert max(len(path) for b in range(batch) for path in tree_visits(trees[0], b)) > 2 * M.DESCEND_LEVELS
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch, capsys):
-    """Without a working compiler (here: torch.compile raising), one warning line and the eager trees."""
+    """Without a working compiler (here: torch.compile raising), one warning line and the eager
+    trees, for both searches."""
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
     monkeypatch.setattr(torch, "compile", broken)
     monkeypatch.setattr(M.Compiled, "failure", None)
     monkeypatch.setattr(M, "COMPILED_WALK", M.Compiled(M.walk_levels))
     monkeypatch.setattr(M, "COMPILED_END", M.Compiled(M.end_simulation))
+    monkeypatch.setattr(M, "COMPILED_GUMBEL_WALK", M.Compiled(M.gumbel_walk_levels))
+    monkeypatch.setattr(M, "COMPILED_GUMBEL_END", M.Compiled(M.end_simulation))
     model = TableModel(40, 4, 3)
     roots = roots_for(model, 3, 4)
     out = run_table_search(model, roots, 12, compile=True)
     assert "torch.compile failed, the search runs eagerly (RuntimeError: no C++ compiler)" in capsys.readouterr().err
     assert torch.equal(out.visit_counts, run_table_search(model, roots, 12).visit_counts)
+    monkeypatch.setattr(M.Compiled, "failure", None)  # Gumbel's own steps fail alike
+    out, _ = run_gumbel(model, roots, 12, seed=1, compile=True)
+    assert "torch.compile failed, the search runs eagerly" in capsys.readouterr().err
+    assert torch.equal(out.tree.children, run_gumbel(model, roots, 12, seed=1)[0].tree.children)
 
 
-def test_run_search_takes_the_compiled_path_where_asked(monkeypatch):
+@pytest.mark.parametrize("search", ["puct", "gumbel"])
+def test_run_search_takes_the_compiled_path_where_asked(monkeypatch, search):
     """--compile, --no-compile, and the default (CUDA only), through run_search: a spy records the path."""
     taken = []
     real = M.compiled_simulate
@@ -331,7 +373,7 @@ def test_run_search_takes_the_compiled_path_where_asked(monkeypatch):
     obs = torch.randint(0, 256, (2, 6, 8, 8), dtype=torch.uint8)
     for flags, expected in (([], False), (["--compile"], True), (["--no-compile"], False)):
         taken.clear()
-        args = M.parse_args(["--channels", "4", "--support-size", "3", "--no-nce", *flags])
+        args = M.parse_args(["--channels", "4", "--support-size", "3", "--no-nce", "--search", search, *flags])
         with torch.no_grad():
             M.run_search(net, obs, args, 3)
             M.run_search(net, obs, args, 3, compile=False)  # evaluate's tail: never compiled
@@ -669,6 +711,7 @@ def run_gumbel(model, roots, sims, seed=None, **kw):
     gumbel = torch.zeros_like(logits)
     if seed is not None:
         gumbel = M.sample_gumbel(logits, torch.Generator().manual_seed(seed))  # the draw the search makes first
+    kw.setdefault("compile", False)  # the eager path is the reference; the compiled one is checked against it
     out = M.gumbel_search(logits, model.value[roots], roots, model.recurrent_fn, sims, generator=generator,
                           gumbel_scale=0.0 if seed is None else 1.0, **kw)
     return out, gumbel

@@ -111,29 +111,31 @@ def table_model(device, S=4096, A=9):
 
 
 def bench_search(device, repeats, sync):
-    """Simulations per second of muzero_nce's pUCT `search` (eager and compiled) and
-    `gumbel_search` on a lookup-table model (the searches' own cost; with mctx installed,
+    """Simulations per second of muzero_nce's pUCT `search` and `gumbel_search` (each eager and
+    compiled) on a lookup-table model (the searches' own cost; with mctx installed,
     mctx's muzero_policy and gumbel_muzero_policy on the same work beside them), then of pUCT
     on the default network (B trees of ms_pacman-sized latents), eager and compiled. The
     warm-up call pays each shape's compile."""
     S = 4096
     rng, nxt, rew, val, logit, table = table_model(device, S)
-    generator = muzero_nce.make_generator(device, 0)
-    print(f"{'model':>8} {'B':>5} {'sims':>5} {'pUCT eager':>11} {'pUCT compiled':>14} {'Gumbel':>9} "
-          f"{'mctx pUCT':>10} {'mctx Gumbel':>12}")
+    print(f"{'model':>8} {'B':>5} {'sims':>5} {'pUCT eager':>11} {'pUCT compiled':>14} {'Gumbel eager':>13} "
+          f"{'Gumbel compiled':>16} {'mctx pUCT':>10} {'mctx Gumbel':>12}")
     for B in (16, 64, 256):
         for sims in (16, 50):
             roots = torch.as_tensor(rng.integers(0, S, B), device=device)
             puct = [lambda compile=compile: muzero_nce.search(logit[roots], val[roots], roots, table, sims,
                                                               dirichlet_fraction=0.0, compile=compile)
                     for compile in (False, True)]
-            gumbel = lambda: muzero_nce.gumbel_search(logit[roots], val[roots], roots, table, sims, generator=generator)
-            rates = [B * sims / median_time(run, repeats, sync) for run in (*puct, gumbel)]
+            # the same Gumbel draw each call: eager and compiled grow the same trees
+            gumbel = [lambda compile=compile: muzero_nce.gumbel_search(
+                logit[roots], val[roots], roots, table, sims, generator=muzero_nce.make_generator(device, 0),
+                compile=compile) for compile in (False, True)]
+            rates = [B * sims / median_time(run, repeats, sync) for run in (*puct, *gumbel)]
             for is_gumbel in (False, True):
                 run = mctx_timer((nxt, rew, val, logit), roots, sims, is_gumbel)
                 rates.append(math.nan if run is None else B * sims / median_time(run, repeats, lambda: None))
-            print(f"{'table':>8} {B:>5} {sims:>5} {rates[0]:>11,.0f} {rates[1]:>14,.0f} {rates[2]:>9,.0f} "
-                  f"{rates[3]:>10,.0f} {rates[4]:>12,.0f}")
+            print(f"{'table':>8} {B:>5} {sims:>5} {rates[0]:>11,.0f} {rates[1]:>14,.0f} {rates[2]:>13,.0f} "
+                  f"{rates[3]:>16,.0f} {rates[4]:>10,.0f} {rates[5]:>12,.0f}")
     net = muzero_nce.MuZeroNet((3, 96, 96), 4, 9, default_args()).to(device).eval()
     for B in (64, 256):
         obs = torch.randint(0, 256, (B, 12, 96, 96), dtype=torch.uint8, device=device)
