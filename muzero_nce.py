@@ -582,7 +582,7 @@ class Representation(nn.Module):
         self.net = nn.Sequential(*layers, *[ResidualBlock(channels) for _ in range(blocks)])
 
     def forward(self, obs):
-        return scale_hidden(self.net(obs.float() / 255))
+        return scale_hidden(self.net(obs.to(torch.float32, copy=True).mul_(1 / 255)))  # one copy, never the input
 
 
 class Dynamics(nn.Module):
@@ -1406,10 +1406,10 @@ def augment(obs, generator=None, shift=4, intensity=0.05):
     offset = torch.randint(-shift, shift + 1, (2, B, 1), device=device, generator=generator)
     rows = (torch.arange(H, device=device) + offset[0]).clamp(0, H - 1)              # [B, H]
     cols = (torch.arange(W, device=device) + offset[1]).clamp(0, W - 1)              # [B, W]
-    out = obs.gather(3, rows[:, None, None, :, None].expand(B, P, C, H, W))
-    out = out.gather(4, cols[:, None, None, None, :].expand(B, P, C, H, W))
+    pixels = (rows[:, :, None] * W + cols[:, None, :]).view(B, 1, 1, H * W)           # [B, 1, 1, H*W]
+    out = obs.flatten(3).gather(3, pixels.expand(B, P, C, H * W)).view(B, P, C, H, W)  # one gather, not two
     noise = torch.randn(B, device=device, generator=generator).clamp(-2, 2)
-    return out.float() * (1 + intensity * noise)[:, None, None, None, None]
+    return out * (1 + intensity * noise)[:, None, None, None, None]                   # uint8 * float: float32
 
 
 class Targets(NamedTuple):
@@ -1687,13 +1687,14 @@ def reanalyze(net, buffer, time, env, args, device, generator=None):
     current favourite and starve exploration. Writes the fresh policies, root values and values
     back; returns the simulations run."""
     seq = buffer.window(time, env, device=device)
-    obs = stack_observations(seq.frames, seq.episode_step, buffer.stack)                # [B, K+n+1, S*C, H, W]
-    B, L = obs.shape[:2]
+    B, L = len(time), buffer.K + buffer.n + 1
     searched = L if args.search_value_targets else buffer.K + 1
     times = time[:, None] + torch.arange(L, device=time.device)                          # [B, K+n+1]
     envs = env[:, None].expand(B, L)
     to_buffer = lambda x: x.to(buffer.device)  # a host buffer (the layout's) takes them over from the device
-    roots = obs[:, :searched].flatten(0, 1)
+    stacked = lambda rows: stack_observations(seq.frames, seq.episode_step, buffer.stack,
+                                              torch.arange(*rows, device=device)).flatten(0, 1)
+    roots = stacked((0, searched))                                                      # [B*searched, S*C, H, W]
     # equal chunks: one shape, one compiled graph; a chunk bounds the memory of the trees' latents
     results = [run_search(net, chunk, args, args.num_simulations, noise=True, generator=generator)
                for chunk in roots.chunk(-(-len(roots) // REANALYZE_CHUNK))]
@@ -1702,7 +1703,7 @@ def reanalyze(net, buffer, time, env, args, device, generator=None):
     buffer.write_targets(times[:, :searched].flatten(), envs[:, :searched].flatten(), policy=policy,
                          root_value=root_value, network_value=value)
     if searched < L:
-        rest = obs[:, searched:].flatten(0, 1)
+        rest = stacked((searched, L))                                                   # [B*(L-searched), S*C, H, W]
         value = torch.cat([network_value(net, chunk, args) for chunk in rest.split(REANALYZE_CHUNK)])
         buffer.write_targets(times[:, searched:].flatten(), envs[:, searched:].flatten(), network_value=to_buffer(value))
     return len(roots) * args.num_simulations
@@ -2250,8 +2251,9 @@ def trainer_process(args, shared, index, layout):
     checksums = [torch.zeros_like(checksum) for _ in range(world)]
     dist.all_gather(checksums, checksum)
     if rank == 0:
-        if metrics:
+        if metrics:  # the last update's, logged whatever the log interval
             shared.stats[LOSS] = float(metrics["losses/total"])
+            progress.scalars(metrics, int(counters[ENV_STEPS]))
         save_run(os.path.join(run_dir, "checkpoint.pt"), args, learner, shared.weights,
                  {**counters_dict(counters), "replica_checksums": [float(c) for c in checksums]}, buffer)
         progress.close()

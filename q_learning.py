@@ -627,7 +627,7 @@ class Representation(nn.Module):
         self.net = nn.Sequential(*layers, *[ResidualBlock(channels) for _ in range(blocks)])
 
     def forward(self, obs):
-        return scale_hidden(self.net(obs.float() / 255))
+        return scale_hidden(self.net(obs.to(torch.float32, copy=True).mul_(1 / 255)))  # one copy, never the input
 
 
 def nature_latent_hw(height, width):
@@ -653,7 +653,7 @@ class NatureCNN(nn.Module):
                                  nn.ReLU(), nn.Conv2d(channels, channels, 3, 1), nn.ReLU())
 
     def forward(self, obs):
-        return scale_hidden(self.net(obs.float() / 255))
+        return scale_hidden(self.net(obs.to(torch.float32, copy=True).mul_(1 / 255)))  # one copy, never the input
 
 
 class Dynamics(nn.Module):
@@ -1205,10 +1205,10 @@ def augment(obs, generator=None, shift=4, intensity=0.05):
     offset = torch.randint(-shift, shift + 1, (2, B, 1), device=device, generator=generator)
     rows = (torch.arange(H, device=device) + offset[0]).clamp(0, H - 1)              # [B, H]
     cols = (torch.arange(W, device=device) + offset[1]).clamp(0, W - 1)              # [B, W]
-    out = obs.gather(3, rows[:, None, None, :, None].expand(B, P, C, H, W))
-    out = out.gather(4, cols[:, None, None, None, :].expand(B, P, C, H, W))
+    pixels = (rows[:, :, None] * W + cols[:, None, :]).view(B, 1, 1, H * W)           # [B, 1, 1, H*W]
+    out = obs.flatten(3).gather(3, pixels.expand(B, P, C, H * W)).view(B, P, C, H, W)  # one gather, not two
     noise = torch.randn(B, device=device, generator=generator).clamp(-2, 2)
-    return out.float() * (1 + intensity * noise)[:, None, None, None, None]
+    return out * (1 + intensity * noise)[:, None, None, None, None]                   # uint8 * float: float32
 
 
 class Targets(NamedTuple):
@@ -2095,8 +2095,9 @@ def trainer_process(args, shared, index, layout):
     checksums = [torch.zeros_like(checksum) for _ in range(world)]
     dist.all_gather(checksums, checksum)
     if rank == 0:
-        if metrics:
+        if metrics:  # the last update's, logged whatever the log interval
             shared.stats[LOSS] = float(metrics["losses/total"])
+            progress.scalars(metrics, int(counters[ENV_STEPS]))
         save_run(os.path.join(run_dir, "checkpoint.pt"), args, learner, shared.weights,
                  {**counters_dict(counters), "replica_checksums": [float(c) for c in checksums]}, buffer)
         progress.close()
