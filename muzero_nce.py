@@ -266,7 +266,8 @@ def build_parser():
     g.add_argument("--publish-interval", type=positive_int, default=100,
                    help="updates between weights sent to actor and reanalyze")
     g.add_argument("--devices", default=None,
-                   help="comma list overriding placement: actor, reanalyze workers, trainers in order (e.g. cpu,cpu,cpu,cpu)")
+                   help="comma list overriding placement: actor, reanalyze workers, trainers in order (e.g. "
+                        "cpu,cpu,cpu,cpu)")
     g.add_argument("--fault-after", type=int, default=None,
                    help=argparse.SUPPRESS)  # tests: a trainer raises after N updates
     p.set_defaults(gpu_0_train=None)
@@ -483,7 +484,8 @@ def make_atari_env_fn(args, evaluation=False):
             args.game, num_envs, img_height=args.frame_size, img_width=args.frame_size, grayscale=args.grayscale,
             stack_num=4, frameskip=4, maxpool=True, noop_max=args.noop_max,
             repeat_action_probability=args.sticky_actions, max_num_frames_per_episode=cap, reward_clipping=False,
-            episodic_life=False, use_fire_reset=False, autoreset_mode="NextStep", num_threads=min(num_envs, os.cpu_count() or 1))
+            episodic_life=False, use_fire_reset=False, autoreset_mode="NextStep",
+            num_threads=min(num_envs, os.cpu_count() or 1))
     return env_fn
 
 
@@ -1705,7 +1707,8 @@ def reanalyze(net, buffer, time, env, args, device, generator=None):
     if searched < L:
         rest = stacked((searched, L))                                                   # [B*(L-searched), S*C, H, W]
         value = torch.cat([network_value(net, chunk, args) for chunk in rest.split(REANALYZE_CHUNK)])
-        buffer.write_targets(times[:, searched:].flatten(), envs[:, searched:].flatten(), network_value=to_buffer(value))
+        buffer.write_targets(times[:, searched:].flatten(), envs[:, searched:].flatten(),
+                             network_value=to_buffer(value))
     return len(roots) * args.num_simulations
 
 
@@ -2585,7 +2588,8 @@ def train(args, env_fn=None):
     learner = Learner(net, args, device, seed=args.seed + 4)
     acting = copy.deepcopy(net).eval()  # the published weights, which the actor uses
     buffer = ReplayBuffer(args.buffer_size, args.num_envs, frame_shape, num_actions, stack, args.jumps,
-                          args.td_steps, args.priority_alpha, device=buffer_device(args, device, frame_shape, num_actions))
+                          args.td_steps, args.priority_alpha,
+                          device=buffer_device(args, device, frame_shape, num_actions))
     sampler, noise = make_generator(buffer.device, args.seed + 1), make_generator(device, args.seed + 3)
     actor = Actor(envs, buffer, args, device, make_generator(device, args.seed + 2), args.seed)
     generators = [sampler, actor.generator, noise, learner.generator]

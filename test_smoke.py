@@ -2468,7 +2468,8 @@ def test_reanalyze_grows_with_the_gpus(monkeypatch):
         "cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
     layout = M.plan_layout(M.parse_args(["--num-gpus", "2", "--gpu-0-train"]))
     assert layout.trainers == ["cuda:0", "cuda:1"] and layout.reanalyze == ["cuda:0", "cuda:1"]
-    layout = M.plan_layout(M.parse_args(["--devices", "cuda:0,cuda:1,cuda:2,cuda:1,cuda:2", "--reanalyze-workers", "2"]))
+    layout = M.plan_layout(M.parse_args(["--devices", "cuda:0,cuda:1,cuda:2,cuda:1,cuda:2",
+                                         "--reanalyze-workers", "2"]))
     assert (layout.actor, layout.reanalyze, layout.trainers) == ("cuda:0", ["cuda:1", "cuda:2"], ["cuda:1", "cuda:2"])
 
 
@@ -3582,7 +3583,8 @@ def test_q_defaults_anneal_epsilon_on_the_corridor(tmp_path, monkeypatch):
     every action and ties to the lowest index repeats one action)."""
     seen = []
     real = Q.epsilon_schedule
-    monkeypatch.setattr(Q, "epsilon_schedule", lambda args, steps: seen.append((steps, real(args, steps))) or seen[-1][1])
+    monkeypatch.setattr(Q, "epsilon_schedule",
+                        lambda args, steps: seen.append((steps, real(args, steps))) or seen[-1][1])
     args = q_corridor_args(tmp_path, 1, "pure")
     args.total_env_steps = 352  # two actor steps past learning starts
     Q.train(args, big_env_fn)
@@ -3595,8 +3597,8 @@ def test_q_reanalyze_writes_a_fresh_search():
     """reanalyze searches rows t..t+K+n of each sequence again and writes back exactly what a
     fresh search there gives: max root Q, the network's max Q, the visit distribution."""
     args = Q.parse_args(["--device", "cpu", "--encoder", "resnet", "--channels", "8", "--support-size", "5", "--no-nce",
-                         "--num-envs", "2", "--num-simulations", "3", "--jumps", "1", "--td-steps", "2", "--buffer-size", "40",
-                         "--learning-starts", "16", "--batch-size-per-worker", "2"])
+                         "--num-envs", "2", "--num-simulations", "3", "--jumps", "1", "--td-steps", "2",
+                         "--buffer-size", "40", "--learning-starts", "16", "--batch-size-per-worker", "2"])
     g = torch.Generator().manual_seed(0)
     buffer = Q.ReplayBuffer(40, 2, (1, 3, 7), 2, 1, 1, 2)
     for t in range(12):

@@ -1,19 +1,19 @@
-"""Learning curves of muzero_nce.py runs, drawn from their tensorboard event files.
+"""Learning curves of muzero_nce.py and q_learning.py runs, drawn from their tensorboard event files.
 
-    python benchmarks/plot_curves.py runs/<run> [runs/<run> ...] --out benchmarks/<name>.png
+    python benchmarks/plot_curves.py runs/<run> [runs/<run> ...] --out benchmarks/<name>.png [--published SPR,...]
 
 One panel per run, against env steps: the evaluation return (mean over --eval-episodes, with a
 band of one standard deviation), every training episode's return with the mean of the last 20,
-and the game's random-policy score as a dashed line. The panel's title holds the game and the
-command that started the run (and each command that resumed it) as a user types them: the run
-directory the run recorded (its --run-dir, often absolute, also inside --resume <dir>/checkpoint.pt)
-is shown as the RUN_DIR given here, and any other absolute path relative to the current directory
-when it lies inside it, else as .../<its last two components>, so that no plot names a path of the
-machine the run was made on. The events are read with tensorboard's own reader (EventAccumulator);
-the game, the run directory and the commands come from the run's `command` and `args` texts, or
-else from its checkpoint.pt.
+the game's random-policy score as a dashed line and, with --published, published scores at 100k
+steps as lines. The panel's title holds the game and the command that started the run (and each
+command that resumed it) as a user types them: the run directory the run recorded (its --run-dir,
+often absolute, also inside --resume <dir>/checkpoint.pt) is shown as the RUN_DIR given here, and
+any other absolute path relative to the current directory when it lies inside it, else as .../<its
+last two components>, so that no plot names a path of the machine the run was made on. The events
+are read with tensorboard's own reader (EventAccumulator); the game, the run directory and the
+commands come from the run's `command` and `args` texts, or else from its checkpoint.pt.
 
-matplotlib is a dependency of this benchmark only, not of muzero_nce.py: pip install matplotlib
+matplotlib is a dependency of this benchmark only, not of the scripts: pip install matplotlib
 """
 import argparse
 import os
@@ -29,6 +29,19 @@ import numpy as np
 # these): the games README's curves use. Another game needs --random-score.
 RANDOM_SCORES = {"ms_pacman": 307.3, "breakout": 1.7, "boxing": 0.1, "pong": -20.7, "road_runner": 11.5,
                  "kung_fu_master": 258.5}
+# Published mean scores after 100k env steps, drawn as lines with --published: DrQ(eps) and SPR from
+# rliable's Atari-100k data (the mean of 100 runs each), DER as the SPR paper reports it (5 seeds),
+# EfficientZero from its Table 1.
+PUBLISHED = {
+    "DER": {"ms_pacman": 1204.1, "breakout": 1.9, "boxing": 0.2, "pong": -19.3, "road_runner": 9600.0,
+            "kung_fu_master": 14346.1},
+    "DrQ(eps)": {"ms_pacman": 1218.1, "breakout": 19.8, "boxing": 9.0, "pong": -9.1, "road_runner": 11211.4,
+                 "kung_fu_master": 11467.4},
+    "SPR": {"ms_pacman": 1318.4, "breakout": 19.6, "boxing": 35.7, "pong": -5.4, "road_runner": 12213.1,
+            "kung_fu_master": 14783.2},
+    "EfficientZero": {"ms_pacman": 1281.2, "breakout": 414.1, "boxing": 52.7, "pong": 20.1, "road_runner": 17751.3,
+                      "kung_fu_master": 30944.8},
+}
 RECENT = 20  # training episodes in the running mean, as in the progress line's return
 
 
@@ -107,7 +120,7 @@ def running_mean(values, window):
     return np.array([np.mean(values[max(0, i + 1 - window):i + 1]) for i in range(len(values))])
 
 
-def draw_run(ax, run_dir, random_score):
+def draw_run(ax, run_dir, random_score, published=()):
     scalars, texts = read_events(run_dir)
     game, commands, recorded = game_and_commands(run_dir, texts)
     commands = [as_typed(command, recorded, run_dir) for command in commands]
@@ -133,6 +146,11 @@ def draw_run(ax, run_dir, random_score):
             ax.fill_between(steps, mean - spread, mean + spread, color="tab:red", alpha=0.15,
                             label="evaluation, ± 1 std")
     ax.axhline(random_score, color="grey", linestyle="--", label=f"random policy ({random_score:g})")
+    for name, style in zip(published, ("-.", ":", (0, (5, 2, 1, 2)), (0, (1, 3)))):
+        if game in PUBLISHED[name]:
+            score = PUBLISHED[name][game]
+            ax.axhline(score, color="black", linestyle=style, linewidth=1,
+                       label=f"{name}, published mean at 100k steps ({score:,g})")
     ax.set_xlabel("env steps (agent steps of 4 frames, all envs together)")
     ax.set_ylabel("return (game score)")
     ax.set_xlim(left=0)
@@ -149,7 +167,13 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="PNG file to write, e.g. benchmarks/curves.png")
     p.add_argument("--random-score", type=float, default=None,
                    help="the random-policy score to mark, for every run given (default: the Atari-100k table)")
+    p.add_argument("--published", default="",
+                   help=f"comma list of published results to draw as lines, of {', '.join(PUBLISHED)}")
     args = p.parse_args(argv)
+    published = [name for name in args.published.split(",") if name]
+    for name in published:
+        if name not in PUBLISHED:
+            fail(f"--published {name}: unknown; choose from {', '.join(PUBLISHED)}")
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display needed
@@ -158,7 +182,7 @@ def main(argv=None):
         fail("matplotlib is not installed; it is needed by this benchmark only: pip install matplotlib")
     fig, axes = plt.subplots(len(args.runs), 1, figsize=(11, 5 * len(args.runs)), squeeze=False)
     for ax, run_dir in zip(axes[:, 0], args.runs):
-        draw_run(ax, run_dir, args.random_score)
+        draw_run(ax, run_dir, args.random_score, published)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out, dpi=110)
