@@ -69,6 +69,22 @@ def default_args(*flags):
     return muzero_nce.parse_args(["--device", "cpu", *flags])
 
 
+def medians_in_turns(runs, repeats, sync):
+    """{name: median seconds} of the functions `runs` {name: fn}, after one warm-up call each,
+    timed in turns so that a busy machine slows them alike (their ratio is the figure to keep)."""
+    times = {name: [] for name in runs}
+    for run in runs.values():
+        run()
+    for _ in range(repeats):
+        for name, run in runs.items():
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def mctx_timer(tables, roots, sims, gumbel):
     """mctx's muzero_policy (no root noise) or gumbel_muzero_policy, jit-compiled, on the same
     table model and roots, on JAX's default device; None when mctx is not installed."""
@@ -178,17 +194,7 @@ def bench_qsearch(device, repeats, sync):
             runs = {"search": lambda: muzero_nce.search(logit[roots], val[roots], roots, table, sims,
                                                         dirichlet_fraction=0.0, compile=False),
                     "q_search": lambda: q_learning.q_search(logit[roots], roots, q_table, sims)}
-            times = {name: [] for name in runs}
-            for run in runs.values():  # warm-up
-                run()
-            for _ in range(repeats):
-                for name, run in runs.items():
-                    sync()
-                    start = time.perf_counter()
-                    run()
-                    sync()
-                    times[name].append(time.perf_counter() - start)
-            rate = {name: B * sims / statistics.median(t) for name, t in times.items()}
+            rate = {name: B * sims / t for name, t in medians_in_turns(runs, repeats, sync).items()}
             print(f"{B:>5} {sims:>5} {rate['search']:>14,.0f} {rate['q_search']:>16,.0f} "
                   f"{rate['q_search'] / rate['search']:>6.2f}")
 
@@ -428,23 +434,13 @@ def bench_compare(device, repeats, sync, against):
     spec.loader.exec_module(old)
     reduced = ["--device", str(device), "--num-envs", "64", "--channels", "16", "--reduced-channels", "8",
                "--proj-hidden", "64", "--proj-dim", "64", "--pred-hidden", "32", "--support-size", "50"]
-    updates = {}
-    for name, M in ((f"{against} (before)", old), ("this version", muzero_nce)):
-        args = M.parse_args(reduced)
-        updates[name] = single_process_update(M, args, device)[0]
-        updates[name]()  # warm-up
-    times = {name: [] for name in updates}
-    for _ in range(repeats):
-        for name, update in updates.items():
-            sync()
-            start = time.perf_counter()
-            update()
-            sync()
-            times[name].append(time.perf_counter() - start)
+    updates = {name: single_process_update(M, M.parse_args(reduced), device)[0]
+               for name, M in ((f"{against} (before)", old), ("this version", muzero_nce))}
+    times = medians_in_turns(updates, repeats, sync)
     print(f"one update at the defaults, reduced network ({' '.join(reduced[4:])}), median of {repeats}:")
-    for name, t in times.items():
-        print(f"  {name:<24} {statistics.median(t):.3f} s")
-    before, now = (statistics.median(t) for t in times.values())
+    for name, seconds in times.items():
+        print(f"  {name:<24} {seconds:.3f} s")
+    before, now = times.values()
     print(f"  speed-up: {before / now:.2f}x")
 
 
