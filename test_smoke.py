@@ -1547,6 +1547,24 @@ def test_new_rows_get_the_highest_priority_seen():
     assert buf.priority[4].tolist() == [9.0, 9.0] and buf.priority[1].tolist() == [1.0, 7.5]
 
 
+def test_a_mirror_of_the_frames_gives_the_same_windows():
+    """A process's copy of the frames (mirror_frames, on a GPU in the layout; on the CPU here)
+    takes the rows written since its last window: started late, used after the ring wrapped
+    and again after a few more steps, it gives the windows the buffer gives."""
+    E, T = 3, 16
+    plain, mirrored = (M.ReplayBuffer(E * T, E, (1, 2, 2), 2, 4, 2, 3) for _ in range(2))
+    for steps in (5, 2 * T + 3, 2):  # written before the mirror starts, then past a wrap, then a few more
+        for buf in (plain, mirrored):
+            add_steps(buf, steps, pixel=lambda t, e: (7 * t + e) % 251 + 1)
+        if mirrored.mirror is None:
+            mirrored.mirror_frames("cpu")
+        t = torch.tensor([mirrored.steps - 7, mirrored.steps - 8, mirrored.steps - 10])
+        env = torch.tensor([0, 2, 1])
+        a, b = plain.window(t, env), mirrored.window(t, env)
+        assert all(torch.equal(x, y) for x, y in zip(a, b)) and mirrored.mirrored == mirrored.steps
+        assert torch.equal(mirrored.mirror, plain.frames)
+
+
 def test_write_back_skips_rows_the_actor_overwrote_or_is_about_to():
     """T = 5 rows, 8 steps written: rows 0..4 hold times 5, 6, 7, 3, 4. Times 2 (its row now
     holds 7) and 3 (its row is the actor's next) are skipped, times 4 and 6 written; the same for
@@ -1720,6 +1738,23 @@ def test_reanalyze_writes_each_search_back_to_its_own_row(monkeypatch, flags):
             else:
                 assert float(buf.root_value[row, e]) == -5.0, (t, e)
                 assert buf.policy[row, e].tolist() == pytest.approx([1 / 3] * 3)
+
+
+def test_the_layout_publishes_the_online_and_the_target_network_apart():
+    """The layout shares two sets of weights: the online network's, which the actor fetches, and
+    the target network's, which reanalyze workers fetch and the leading trainer publishes at each
+    refresh; each keeps its own version, and fetching one never gives the other."""
+    args = tiny_args()
+    net = M.MuZeroNet(TINY_FRAME, TINY_STACK, TINY_ACTIONS, args)
+    shared = M.Shared(torch.multiprocessing.get_context("spawn"), args, TINY_FRAME, TINY_STACK, TINY_ACTIONS,
+                      copy.deepcopy(net), copy.deepcopy(net), M.Layout("cpu", ["cpu"], ["cpu"], "gloo"))
+    online, target = perturb(copy.deepcopy(net), 1), perturb(copy.deepcopy(net), 2)
+    shared.publish(online, 10)
+    shared.publish(target, 7, target=True)
+    acting, reanalysing = copy.deepcopy(net), copy.deepcopy(net)
+    assert shared.fetch(acting, -1) == 10 and shared.fetch(reanalysing, -1, target=True) == 7
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert same(acting, online) and same(reanalysing, target) and not same(acting, reanalysing)
 
 
 def test_an_update_reads_nothing_back_from_the_device(monkeypatch, tmp_path):
