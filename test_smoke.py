@@ -1955,6 +1955,8 @@ def test_bf16_runs_the_networks_and_keeps_the_rest_in_fp32():
     torch.testing.assert_close(out16.root_value, out32.root_value, atol=0.5, rtol=0)
     torch.testing.assert_close(value16, value32, atol=0.05, rtol=0)
     assert (out16.policy - out32.policy).abs().sum(-1).max() <= 0.5
+    # the learner did run in bf16: its losses moved
+    assert not torch.equal(steps16[0][0]["losses/total"], steps32[0][0]["losses/total"])
     for (metrics16, priorities16), (metrics32, priorities32) in zip(steps16, steps32):
         for name in ("value", "policy", "reward", "nce", "total"):
             assert metrics16[f"losses/{name}"].dtype == torch.float32
