@@ -1740,6 +1740,36 @@ def test_reanalyze_writes_each_search_back_to_its_own_row(monkeypatch, flags):
                 assert buf.policy[row, e].tolist() == pytest.approx([1 / 3] * 3)
 
 
+def test_non_finite_watch_names_the_first_bad_update():
+    """The watch keeps the first update whose loss or gradient was not finite, with its terms,
+    and says nothing while every update is finite."""
+    watch = M.NonFiniteWatch()
+    ok, nan, inf = torch.tensor(1.0), torch.tensor(math.nan), torch.tensor(math.inf)
+    watch.note(1, {"total": ok, "value": ok}, ok)
+    watch.check()
+    watch.note(2, {"total": nan, "value": nan}, ok)
+    watch.note(3, {"total": ok, "value": ok}, inf)  # a later bad update does not replace the first
+    watch.note(4, {"total": ok, "value": ok}, ok)
+    with pytest.raises(M.NonFiniteError, match=r"^non-finite loss at update 2 \(total=nan, value=nan\)$"):
+        watch.check()
+    gradient = M.NonFiniteWatch()
+    gradient.note(5, {"total": ok, "value": ok}, inf)
+    with pytest.raises(M.NonFiniteError, match=r"^non-finite gradient at update 5 \(losses: total=1, value=1\)$"):
+        gradient.check()
+
+
+def test_trainers_sample_ahead_enough_batches_for_every_reanalyze_worker():
+    """Each trainer holds the batch it trains on and ceil(R / T) more sampled ahead, so that R
+    reanalyze workers always have a batch to refresh."""
+    args = tiny_args()
+    net = M.MuZeroNet(TINY_FRAME, TINY_STACK, TINY_ACTIONS, args)
+    ctx = torch.multiprocessing.get_context("spawn")
+    for workers, trainers, lookahead in ((1, 1, 2), (2, 2, 2), (4, 1, 5), (3, 2, 3), (0, 1, 2)):
+        layout = M.Layout("cpu", ["cpu"] * workers, ["cpu"] * trainers, "gloo")
+        shared = M.Shared(ctx, args, TINY_FRAME, TINY_STACK, TINY_ACTIONS, net, copy.deepcopy(net), layout)
+        assert shared.lookahead == lookahead and shared.batch_state.shape == (trainers, lookahead), (workers, trainers)
+
+
 def test_the_layout_publishes_the_online_and_the_target_network_apart():
     """The layout shares two sets of weights: the online network's, which the actor fetches, and
     the target network's, which reanalyze workers fetch and the leading trainer publishes at each
@@ -1909,7 +1939,8 @@ def test_train_step_refreshes_the_target_and_follows_the_schedule(monkeypatch, w
         metrics, _ = learner.train_step(seq, time, env, importance, torch.full((6,), args.td_steps))
         assert learner.updates == step * world
         lrs.append(learner.optimizer.param_groups[0]["lr"])
-        if step in refreshed:
+        if step in refreshed:  # the target takes the online weights (a copy the other way would undo the step)
+            assert not all(torch.equal(v, target[k]) for k, v in learner.net.state_dict().items()), step
             target = snapshot(learner.net)
         now, net = learner.target.state_dict(), learner.net.state_dict()
         assert all(torch.equal(now[k], target[k]) for k in now), step
@@ -1955,8 +1986,6 @@ def test_bf16_runs_the_networks_and_keeps_the_rest_in_fp32():
     torch.testing.assert_close(out16.root_value, out32.root_value, atol=0.5, rtol=0)
     torch.testing.assert_close(value16, value32, atol=0.05, rtol=0)
     assert (out16.policy - out32.policy).abs().sum(-1).max() <= 0.5
-    # the learner did run in bf16: its losses moved
-    assert not torch.equal(steps16[0][0]["losses/total"], steps32[0][0]["losses/total"])
     for (metrics16, priorities16), (metrics32, priorities32) in zip(steps16, steps32):
         for name in ("value", "policy", "reward", "nce", "total"):
             assert metrics16[f"losses/{name}"].dtype == torch.float32
@@ -1967,6 +1996,20 @@ def test_bf16_runs_the_networks_and_keeps_the_rest_in_fp32():
     target = torch.softmax(torch.randn(5, 11, generator=g), -1)
     assert torch.equal(M.cross_entropy(logits, target), M.cross_entropy(logits.float(), target))
     assert torch.equal(M.support_to_scalar(logits, 5), M.support_to_scalar(logits.float(), 5))
+
+
+def test_bf16_trains_the_online_network_in_bf16():
+    """--precision bf16 reaches the learner's own unroll too, not only the search and the target
+    network's passes: every convolution and linear layer of the online network gives bf16."""
+    args = tiny_args("--precision", "bf16")
+    learner = tiny_learner(args, apart=True)
+    seq, time, env = random_batch(args, 3)
+    dtypes = []
+    for module in learner.net.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.register_forward_hook(lambda m, inputs, out: dtypes.append(out.dtype))
+    learner.train_step(seq, time, env, torch.ones(6), torch.full((6,), args.td_steps))
+    assert dtypes and set(dtypes) == {torch.bfloat16}
 
 
 def test_bf16_where_the_gpu_lacks_it_is_a_one_line_error(monkeypatch):
