@@ -1,29 +1,32 @@
-"""Tests of muzero_nce.py, in the order of its sections, then of q_learning.py. CPU only; about
-6 minutes on 2 cores.
+"""Tests of muzero_nce.py, in the order of its sections, then of q_learning.py. CPU only.
 
     python -m pytest -q test_smoke.py
 
 - Search: the batched search against a plain one-tree-at-a-time MCTS written here, tree
   invariants, batch independence, zero simulations, noise and temperature; Gumbel MuZero's
   search against a plain recursive one (Sequential Halving, the non-root rule, completed Q),
-  Gumbel-top-k, and the improved policy's guarantee.
+  Gumbel-top-k, and the improved policy's guarantee; the compiled paths against the eager ones.
 - Utilities and losses: h and the supports, InfoNCE against a hand computation.
 - Replay: the ring, stacks rebuilt against a real env's own, n-step targets against loops over
-  their definition, priorities.
+  their definition, priorities, a mirror of the frames.
 - The training step, piece by piece, against hand computations, stand-in networks and plain
   references: schedules, env flags, the unroll and its gradient, root noise, sampling
-  frequencies, muzero_losses term by term, reanalyze's write-back rows, what train_step feeds
-  the online and the target network, DDP without NCE or unroll, each process's seed, a resume
-  that cuts episodes.
+  frequencies, muzero_losses term by term, reanalyze's rows and network, where each value
+  target bootstraps from, what train_step feeds the online and the target network, bf16
+  against fp32, no host reads in an update, DDP without NCE or unroll, each process's seed, a
+  resume that cuts episodes.
 - Learning: a tiny corridor that needs lookahead (Corridor), solved by a seeded run, and by
-  Gumbel MuZero with 4 simulations.
+  Gumbel MuZero with 4 simulations; with q_learning.py's runs, these run once, two at a time in
+  subprocesses (the `learned` fixture), since they are most of the suite's time.
 - Runs: the command line (logs, checkpoints, resume, the same losses twice, one-line errors,
   failing safely), every tensorboard tag, --evaluate and --capture-video (through a stand-in
   for imageio), exact resume, and the process layout (DDP on CPU, torchrun with two nodes, a
-  killed or raising trainer, Ctrl-C).
+  killed or raising trainer, Ctrl-C). Every wait on a process has a deadline (Watched,
+  run_to_end), and a test still running after TEST_DEADLINE seconds ends the run.
 - q_learning.py (last): the Q search against a plain recursive reference, the double n-step
-  and C51 targets against hand computations, the corridor solved in each mode, the original's
-  three commands, and the check that the code the two scripts share is the same text.
+  and C51 targets against hand computations, the corridor solved in each mode at the defaults,
+  the original's three commands, and the check that the code the two scripts share is the same
+  text.
 
 Each test checks behaviour against an independent computation or a property that would fail
 if the code were wrong, never against numbers recorded from a previous run.
@@ -3769,7 +3772,7 @@ Q_DIFFERS = {
     "make_recurrent_fn": None,  # the Q search's model interface: (reward, Q of every action, next latent)
     "run_search": None,         # the Q search, epsilon-greedy, instead of MCTS with noise and a temperature
     "evaluate": None,           # --eval-epsilon on the root's Q instead of the most visited action
-    "reanalyze": None,          # refreshes the stored values (no policy targets, no root noise)
+    "reanalyze": None,          # refreshes the stored values at every bootstrap row (no policy rows, no root noise)
     "Learner": None,            # the double-Q / C51 bootstrap and the Q losses
     "log_protocol": None,       # states Q's evaluation protocol
     "Actor": [("temperature", "epsilon"), ("noise=True, ", "")],  # acts epsilon-greedily
