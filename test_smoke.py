@@ -16,8 +16,9 @@
   against fp32, no host reads in an update, DDP without NCE or unroll, each process's seed, a
   resume that cuts episodes.
 - Learning: a tiny corridor that needs lookahead (Corridor), solved by a seeded run, and by
-  Gumbel MuZero with 4 simulations; with q_learning.py's runs, these run once, two at a time in
-  subprocesses (the `learned` fixture), since they are most of the suite's time.
+  Gumbel MuZero with 4 simulations; with q_learning.py's runs, these are most of the suite's
+  time, so they start with the session in niced subprocesses (LearningRuns) and fill the cores
+  the other tests leave idle.
 - Runs: the command line (logs, checkpoints, resume, the same losses twice, one-line errors,
   failing safely), every tensorboard tag, --evaluate and --capture-video (through a stand-in
   for imageio), exact resume, and the process layout (DDP on CPU, torchrun with two nodes, a
@@ -2219,17 +2220,20 @@ def test_corridor_env_contract():
     assert np.array_equal(clone.step(np.array([1, 0]))[0], envs.step(np.array([1, 0]))[0])
 
 
-# The learning runs are most of the suite's time, each one process on one core while pytest runs
-# one test at a time: they run once, as subprocesses two at a time (learned), and each test
-# reads its run. One intra-op thread each: a seeded run then follows the same trajectory on any
-# CPU machine (the numerics of a CPU kernel can depend on its thread count), and it is no slower
-# on these tiny tensors. The q_learning.py runs are defined with that script's tests, below.
-LEARNING_RUNS = {  # name: (script, flags over corridor_args or q_corridor_args); longest first
-    "q_search": ("q", "search"), "muzero": ("muzero", {}),
+# The learning runs are most of the suite's time. Each is one process of one intra-op thread,
+# and most other tests run one thread too, leaving a core idle: so the runs start with the
+# session, as subprocesses at most two at a time and niced (the other tests keep the CPU they
+# want), and each learning test waits only for its own run. One thread also means a seeded run
+# follows the same trajectory on any CPU machine (a CPU kernel's numerics can depend on its
+# thread count). The q_learning.py runs are defined with that script's tests, below.
+LEARNING_RUNS = {  # name: (script, flags over corridor_args or q_corridor_args); in the order needed, longest early
+    "muzero": ("muzero", {}), "q_search": ("q", "search"),
     "muzero_gumbel": ("muzero", {"--search": "gumbel", "--num-simulations": 4, "--eval-simulations": 4,
                                  "--total-env-steps": 4800}),
     "q_pure": ("q", "pure"), "q_c51": ("q", "c51"),
 }
+RUN_DEADLINE = 1500  # seconds a learning run may take, niced behind the other tests on a busy machine
+WAIT_DEADLINE = TEST_DEADLINE - 60  # seconds a test waits for its run (inside its own deadline)
 
 
 def learning_run(name, run_dir):
@@ -2244,39 +2248,88 @@ def learning_run(name, run_dir):
                                   | {"seconds": round(time.time() - start, 1)}), flush=True)
 
 
-@pytest.fixture(scope="module")
-def learned(tmp_path_factory):
-    """{name: summary, or {"error": output}} of every LEARNING_RUNS run, as many at a time as
-    the machine has cores (two on CI), each with a deadline."""
-    pending, running, results, deadline = list(LEARNING_RUNS), {}, {}, 900
-    parallel = max(1, min(2, os.cpu_count() or 1))
-    try:
-        while pending or running:
-            while pending and len(running) < parallel:
-                name = pending.pop(0)
-                run_dir = tmp_path_factory.mktemp(name)
-                log = open(run_dir / "output.txt", "w+")
-                code = f"import pathlib, test_smoke as t; t.learning_run({name!r}, pathlib.Path({str(run_dir)!r}))"
-                process = subprocess.Popen([PYTHON, "-c", code], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                           env=ENV, start_new_session=True)
-                running[name] = process, log, time.monotonic()
-            for name, (process, log, started) in list(running.items()):
-                if process.poll() is None:
-                    if time.monotonic() - started > deadline:
-                        pytest.fail(f"learning run {name} did not end within {deadline} s")
-                    continue
-                log.seek(0)
-                output = log.read()
-                found = re.search(r"^summary (\{.*\})$", output, re.M)
-                results[name] = json.loads(found.group(1)) if found else {"error": output[-3000:]}
-                print(f"{name}: {results[name]}")
-                del running[name]
-            time.sleep(0.2)
-    finally:  # a failure above leaves nothing running
-        for process, log, _ in running.values():
+class LearningRuns:
+    """Every LEARNING_RUNS run in its own niced subprocess, as many at a time as the machine has
+    cores (two on CI), started and reaped by a thread. runs[name] waits for one run's summary
+    ({"error": output} if it failed), with a deadline; stop() kills whatever still runs."""
+
+    def __init__(self, base):
+        self.base, self.pending, self.running, self.results = base, list(LEARNING_RUNS), {}, {}
+        self.parallel, self.stopped = max(1, min(2, os.cpu_count() or 1)), False
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _start(self, name):
+        run_dir = self.base / name
+        run_dir.mkdir()
+        log = open(run_dir / "output.txt", "w+")
+        code = (f"import os, pathlib, test_smoke as t; os.nice(10); "
+                f"t.learning_run({name!r}, pathlib.Path({str(run_dir)!r}))")
+        process = subprocess.Popen([PYTHON, "-c", code], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=ENV,
+                                   start_new_session=True)
+        self.running[name] = process, log, time.monotonic()
+
+    def _reap(self, name):
+        process, log, started = self.running[name]
+        late = time.monotonic() - started > RUN_DEADLINE
+        if process.poll() is None and not late:
+            return
+        if late:
             kill_group(process)
-            log.close()
-    return results
+        log.seek(0)
+        output = log.read()
+        log.close()
+        found = re.search(r"^summary (\{.*\})$", output, re.M)
+        self.results[name] = (json.loads(found.group(1)) if found else
+                              {"error": f"did not end within {RUN_DEADLINE} s: {output[-3000:]}"} if late else
+                              {"error": output[-3000:] or f"exit code {process.returncode}, no output"})
+        del self.running[name]
+
+    def _loop(self):
+        while True:
+            with self.lock:
+                if self.stopped or not (self.pending or self.running):
+                    return
+                for name in list(self.running):
+                    self._reap(name)
+                while self.pending and len(self.running) < self.parallel:
+                    self._start(self.pending.pop(0))
+            time.sleep(0.2)
+
+    def __getitem__(self, name):
+        end = time.monotonic() + WAIT_DEADLINE
+        while name not in self.results:
+            assert self.thread.is_alive() or name in self.results, f"learning run {name} was never reaped"
+            if time.monotonic() > end:
+                pytest.fail(f"learning run {name} gave no result within {WAIT_DEADLINE} s")
+            time.sleep(0.2)
+        print(f"{name}: {self.results[name]}")
+        return self.results[name]
+
+    def stop(self):
+        with self.lock:
+            self.stopped = True
+            for process, log, _ in self.running.values():
+                kill_group(process)
+                log.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def learning_runs(request, tmp_path_factory):
+    """Starts the learning runs with the session, if any selected test reads them."""
+    if not any("learned" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    runs = LearningRuns(tmp_path_factory.mktemp("learning"))
+    yield runs
+    runs.stop()
+
+
+@pytest.fixture
+def learned(learning_runs):
+    """{name: summary} of the LEARNING_RUNS runs, each read when its test asks (see LearningRuns)."""
+    return learning_runs
 
 
 def test_learns_corridor_needing_lookahead(learned):
@@ -2512,11 +2565,27 @@ def test_same_seed_same_losses(tmp_path):
     (["--devices", "cpu"], r"--devices lists 1 devices; it needs 1 actor \+ 1 reanalyze"),
     (["--resume", "no/such/checkpoint.pt"], r"--resume no/such/checkpoint.pt: no such checkpoint file"),
 ])
-def test_bad_input_is_one_line_error(tmp_path, flags, message):
-    done = run_script(*TINY, "--total-env-steps", "80", "--run-dir", str(tmp_path / "run"), *flags, timeout=60)
-    assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and re.search(message, lines[0]), done.stderr
+def test_bad_input_is_one_line_error(tmp_path, flags, message, capsys, monkeypatch):
+    """Each bad value ends the run with one line, before anything starts. Two of them, an
+    argparse error and one found at run time, run as a user's command (one line on stderr, a
+    non-zero exit); the others call main() in this process, the same code without the seconds
+    a fresh interpreter takes to import torch."""
+    argv = [*TINY, "--total-env-steps", "80", "--run-dir", str(tmp_path / "run"), *flags]
+    if flags[-1] in ("ms_pacmann", "fp16"):
+        done = run_script(*argv, timeout=60)
+        assert done.returncode != 0
+        text = done.stderr
+    else:
+        monkeypatch.setattr(signal, "signal", lambda *_: None)  # main's SIGTERM handler is a run's, not pytest's
+        precision = torch.get_float32_matmul_precision()
+        try:
+            with pytest.raises(SystemExit) as error:
+                M.main(argv)
+        finally:
+            torch.set_float32_matmul_precision(precision)
+        text = str(error.value) if error.value.code != 2 else capsys.readouterr().err
+    lines = text.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), text
     assert not (tmp_path / "run").exists()  # nothing started
 
 
@@ -3652,8 +3721,11 @@ def q_corridor_args(tmp_path, seed, mode):
 @pytest.mark.parametrize("mode", ["pure", "search", "c51"])
 def test_q_learning_solves_the_corridor(learned, mode):
     """Each mode, at its defaults, reaches the optimal return in the final evaluation (run by
-    the `learned` fixture). Checked: seeds 1-3 of the pure and C51 modes reach 1.0, seed 1 of
-    the search mode."""
+    the `learned` fixture). Checked: seeds 1-3 of the pure and C51 modes reach 1.0. The search
+    mode reaches 1.0 with seed 1 and not with seeds 2 and 3 (0.0; 0.5 with --reward-loss-weight
+    4): at discount 0.99 the two actions' true Q differ by 1-2% along the corridor, and after
+    2,900 updates at lr 1e-4 the model is too rough for that (its reward for the goal was 0.23
+    of 1.0), so its samples outvote the Q head's right ordering; the Q head alone scores 1.0."""
     result = learned[f"q_{mode}"]
     assert "error" not in result, result.get("error")
     assert result["env_steps"] == 3200
