@@ -15,19 +15,21 @@
   target bootstraps from, what train_step feeds the online and the target network, bf16
   against fp32, no host reads in an update, DDP without NCE or unroll, each process's seed, a
   resume that cuts episodes.
-- Learning: a tiny corridor that needs lookahead (Corridor), solved by a seeded run, and by
-  Gumbel MuZero with 4 simulations; with q_learning.py's runs, these are most of the suite's
-  time, so they start with the session in niced subprocesses (LearningRuns) and fill the cores
-  the other tests leave idle.
+- Learning: the tiny corridor that needs lookahead (Corridor) and its contract; the runs that
+  solve it (seeded MuZero, Gumbel MuZero with 4 simulations, and q_learning.py's modes) are
+  most of the suite's time, so they start with the session in niced subprocesses
+  (LearningRuns), fill the cores the other tests leave idle, and are read by the tests at the
+  end of this file.
 - Runs: the command line (logs, checkpoints, resume, the same losses twice, one-line errors,
   failing safely), every tensorboard tag, --evaluate and --capture-video (through a stand-in
   for imageio), exact resume, and the process layout (DDP on CPU, torchrun with two nodes, a
   killed or raising trainer, Ctrl-C). Every wait on a process has a deadline (Watched,
   run_to_end), and a test still running after TEST_DEADLINE seconds ends the run.
-- q_learning.py (last): the Q search against a plain recursive reference, the double n-step
-  and C51 targets against hand computations, the corridor solved in each mode at the defaults,
-  the original's three commands, and the check that the code the two scripts share is the same
-  text.
+- q_learning.py: the Q search against a plain recursive reference, the double n-step
+  and C51 targets against hand computations, the original's three commands, and the check
+  that the code the two scripts share is the same text.
+- Last, the learning tests: the corridor solved by muzero_nce.py (pUCT, Gumbel) and by
+  q_learning.py in each mode at its defaults.
 
 Each test checks behaviour against an independent computation or a property that would fail
 if the code were wrong, never against numbers recorded from a previous run.
@@ -2226,8 +2228,8 @@ def test_corridor_env_contract():
 # want), and each learning test waits only for its own run. One thread also means a seeded run
 # follows the same trajectory on any CPU machine (a CPU kernel's numerics can depend on its
 # thread count). The q_learning.py runs are defined with that script's tests, below.
-LEARNING_RUNS = {  # name: (script, flags over corridor_args or q_corridor_args); in the order needed, longest early
-    "muzero": ("muzero", {}), "q_search": ("q", "search"),
+LEARNING_RUNS = {  # name: (script, flags over corridor_args or q_corridor_args); longest first
+    "q_search": ("q", "search"), "muzero": ("muzero", {}),
     "muzero_gumbel": ("muzero", {"--search": "gumbel", "--num-simulations": 4, "--eval-simulations": 4,
                                  "--total-env-steps": 4800}),
     "q_pure": ("q", "pure"), "q_c51": ("q", "c51"),
@@ -2330,22 +2332,6 @@ def learning_runs(request, tmp_path_factory):
 def learned(learning_runs):
     """{name: summary} of the LEARNING_RUNS runs, each read when its test asks (see LearningRuns)."""
     return learning_runs
-
-
-def test_learns_corridor_needing_lookahead(learned):
-    result = learned["muzero"]
-    assert "error" not in result, result.get("error")
-    assert result["env_steps"] == 6400
-    assert result["eval_return"] > (GOAL + DECOY) / 2  # beats the decoy and any constant action
-    assert result["eval_return"] >= 0.9 * GOAL
-
-
-def test_gumbel_learns_corridor_with_few_simulations(learned):
-    """Gumbel MuZero acts, reanalyses and evaluates with 4 simulations per move."""
-    result = learned["muzero_gumbel"]
-    assert "error" not in result, result.get("error")
-    assert result["env_steps"] == 4800
-    assert result["eval_return"] >= 0.9 * GOAL
 
 
 def test_zero_simulations_runs(tmp_path):
@@ -2893,20 +2879,11 @@ def test_layout_runs_and_resumes(tmp_path):
     assert state["buffer"]["truncated"][last_row][running].all() and running.any()
 
 
-def test_layout_without_nce(tmp_path):
-    """--no-nce through DDP, where NCE heads left without a gradient would stop the second update."""
-    run = tmp_path / "run"
-    done = run_script(*LAYOUT, "--no-nce", "--total-env-steps", "60", "--run-dir", str(run))
-    assert done.returncode == 0, done.stderr
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
-    assert state["updates"] == 60 - 32 + 2 and not [name for name in state["net"] if name.startswith("projection")]
-    checksums = state["counters"]["replica_checksums"]
-    assert len(checksums) == 2 and checksums[0] == checksums[1]
-
-
 def test_torchrun_two_nodes(tmp_path):
+    """Two nodes of one trainer each, joined by torchrun, without NCE: DDP must not wait for
+    gradients of NCE heads that no longer exist (it would stop at the second update)."""
     port = str(29500 + os.getpid() % 1000)
-    flags = [*TINY, "--devices", "cpu,cpu,cpu", "--total-env-steps", "80", "--run-dir", str(tmp_path / "run")]
+    flags = [*TINY, "--devices", "cpu,cpu,cpu", "--no-nce", "--total-env-steps", "80", "--run-dir", str(tmp_path / "run")]
     nodes = [Watched("-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
                      "--master-addr", "127.0.0.1", "--master-port", port, "muzero_nce.py", *flags) for rank in (0, 1)]
     try:
@@ -2919,6 +2896,7 @@ def test_torchrun_two_nodes(tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     checksums = state["counters"]["replica_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert state["updates"] > 2 and not [name for name in state["net"] if name.startswith("projection")]
 
 
 def default_sigint():
@@ -3718,20 +3696,6 @@ def q_corridor_args(tmp_path, seed, mode):
     return Q.parse_args([str(x) for kv in flags.items() for x in kv] + modes[mode] + ["--no-clip-rewards"])
 
 
-@pytest.mark.parametrize("mode", ["pure", "search", "c51"])
-def test_q_learning_solves_the_corridor(learned, mode):
-    """Each mode, at its defaults, reaches the optimal return in the final evaluation (run by
-    the `learned` fixture). Checked: seeds 1-3 of the pure and C51 modes reach 1.0. The search
-    mode reaches 1.0 with seed 1 and not with seeds 2 and 3 (0.0; 0.5 with --reward-loss-weight
-    4): at discount 0.99 the two actions' true Q differ by 1-2% along the corridor, and after
-    2,900 updates at lr 1e-4 the model is too rough for that (its reward for the goal was 0.23
-    of 1.0), so its samples outvote the Q head's right ordering; the Q head alone scores 1.0."""
-    result = learned[f"q_{mode}"]
-    assert "error" not in result, result.get("error")
-    assert result["env_steps"] == 3200
-    assert result["eval_return"] >= 0.9 * GOAL
-
-
 def test_q_defaults_anneal_epsilon_on_the_corridor(tmp_path, monkeypatch):
     """What the actor is given at the defaults: epsilon 1 until learning starts, then falling,
     never at the final 0.01 from the start (the original's schedule, which with a Q head at 0 for
@@ -3881,3 +3845,37 @@ def test_shared_code_is_the_same_text():
                                                      "muzero_nce.py", "q_learning.py", n=1))[:12])
             drifted.append(f"{name}:\n{diff}")
     assert not drifted, "q_learning.py's copy drifted from muzero_nce.py in " + "\n".join(drifted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning, last: the runs these tests read started with the session (LearningRuns) and have run
+# on the cores the tests above left idle; here the suite waits for whatever is still running.
+# ---------------------------------------------------------------------------------------------
+def test_learns_corridor_needing_lookahead(learned):
+    result = learned["muzero"]
+    assert "error" not in result, result.get("error")
+    assert result["env_steps"] == 6400
+    assert result["eval_return"] > (GOAL + DECOY) / 2  # beats the decoy and any constant action
+    assert result["eval_return"] >= 0.9 * GOAL
+
+
+def test_gumbel_learns_corridor_with_few_simulations(learned):
+    """Gumbel MuZero acts, reanalyses and evaluates with 4 simulations per move."""
+    result = learned["muzero_gumbel"]
+    assert "error" not in result, result.get("error")
+    assert result["env_steps"] == 4800
+    assert result["eval_return"] >= 0.9 * GOAL
+
+
+@pytest.mark.parametrize("mode", ["pure", "search", "c51"])
+def test_q_learning_solves_the_corridor(learned, mode):
+    """Each mode, at its defaults, reaches the optimal return in the final evaluation (run by
+    the `learned` fixture). Checked: seeds 1-3 of the pure and C51 modes reach 1.0. The search
+    mode reaches 1.0 with seed 1 and not with seeds 2 and 3 (0.0; 0.5 with --reward-loss-weight
+    4): at discount 0.99 the two actions' true Q differ by 1-2% along the corridor, and after
+    2,900 updates at lr 1e-4 the model is too rough for that (its reward for the goal was 0.23
+    of 1.0), so its samples outvote the Q head's right ordering; the Q head alone scores 1.0."""
+    result = learned[f"q_{mode}"]
+    assert "error" not in result, result.get("error")
+    assert result["env_steps"] == 3200
+    assert result["eval_return"] >= 0.9 * GOAL
