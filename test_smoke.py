@@ -2883,7 +2883,8 @@ def test_torchrun_two_nodes(tmp_path):
     """Two nodes of one trainer each, joined by torchrun, without NCE: DDP must not wait for
     gradients of NCE heads that no longer exist (it would stop at the second update)."""
     port = str(29500 + os.getpid() % 1000)
-    flags = [*TINY, "--devices", "cpu,cpu,cpu", "--no-nce", "--total-env-steps", "80", "--run-dir", str(tmp_path / "run")]
+    flags = [*TINY, "--devices", "cpu,cpu,cpu", "--no-nce", "--total-env-steps", "80",
+             "--run-dir", str(tmp_path / "run")]
     nodes = [Watched("-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
                      "--master-addr", "127.0.0.1", "--master-port", port, "muzero_nce.py", *flags) for rank in (0, 1)]
     try:

@@ -8,7 +8,7 @@
     python benchmarks/throughput.py update     # one training update and one actor step at the defaults, split by
                                                # part, with their roots, network rows and syncs; a 100k run projected
     python benchmarks/throughput.py compare    # the update of this muzero_nce.py against an older one (--against),
-                                               # reduced network, timed in turns
+                                               # reduced network (--network default: the full one), timed in turns
     python benchmarks/throughput.py busy       # the search and the actor, quiet and beside a busy-loop process
     python benchmarks/throughput.py layout     # env steps/s: the single process vs the process layout
     add --device cuda to run on the GPU (layout: --devices cuda:0,cuda:0,cuda:0 shares one GPU)
@@ -419,11 +419,12 @@ def project(args, totals, gpus):
           f"({one / many:.1f}x the updates/s of one)")
 
 
-def bench_compare(device, repeats, sync, against):
+def bench_compare(device, repeats, sync, against, network="reduced"):
     """The single process's update at the defaults of this muzero_nce.py and of the one at git
     revision `against`, both on a reduced network (16 channels, small NCE heads and supports; the
-    batch, unroll, simulations and reanalyze fraction at their defaults), timed in turns in one
-    process by the same code (single_process_update), each with its own defaults."""
+    batch, unroll, simulations and reanalyze fraction at their defaults), or with network="default"
+    on the default one, timed in turns in one process by the same code (single_process_update),
+    each with its own defaults."""
     import importlib.util
     old_path = os.path.join(tempfile.mkdtemp(prefix="muzero_old_"), "muzero_old.py")
     with open(old_path, "w") as f:
@@ -434,10 +435,11 @@ def bench_compare(device, repeats, sync, against):
     spec.loader.exec_module(old)
     reduced = ["--device", str(device), "--num-envs", "64", "--channels", "16", "--reduced-channels", "8",
                "--proj-hidden", "64", "--proj-dim", "64", "--pred-hidden", "32", "--support-size", "50"]
+    reduced = reduced if network == "reduced" else reduced[:4]
     updates = {name: single_process_update(M, M.parse_args(reduced), device)[0]
                for name, M in ((f"{against} (before)", old), ("this version", muzero_nce))}
     times = medians_in_turns(updates, repeats, sync)
-    print(f"one update at the defaults, reduced network ({' '.join(reduced[4:])}), median of {repeats}:")
+    print(f"one update at the defaults, {network} network ({' '.join(reduced[4:])}), median of {repeats}:")
     for name, seconds in times.items():
         print(f"  {name:<24} {seconds:.3f} s")
     before, now = times.values()
@@ -507,6 +509,8 @@ def main():
     parser.add_argument("--devices", default=None, help="layout: the --devices list of the layout run")
     parser.add_argument("--gpus", type=int, default=4, help="update: the GPU count to project a run on")
     parser.add_argument("--against", default="4718e40", help="compare: the git revision to time against")
+    parser.add_argument("--network", choices=["reduced", "default"], default="reduced",
+                        help="compare: the reduced network (16 channels) or the default one")
     args = parser.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -516,7 +520,7 @@ def main():
     elif args.part == "update":
         bench_update(device, args.repeats, sync, args.gpus)
     elif args.part == "compare":
-        bench_compare(device, args.repeats, sync, args.against)
+        bench_compare(device, args.repeats, sync, args.against, args.network)
     else:
         {"search": bench_search, "qsearch": bench_qsearch, "actor": bench_actor, "learner": bench_learner,
          "update": bench_update, "busy": bench_busy}[args.part](device, args.repeats, sync)
