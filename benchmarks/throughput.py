@@ -19,6 +19,7 @@ The search against DeepMind's mctx and LightZero's C++ tree is ../shared/bench/s
 import argparse
 import collections
 import inspect
+import json
 import math
 import os
 import platform
@@ -32,7 +33,6 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import muzero_nce  # noqa: E402  (first: it sets OpenMP's wait policy before torch loads OpenMP)
-import q_learning  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -180,6 +180,7 @@ def bench_qsearch(device, repeats, sync):
     muzero_nce.search (pUCT) on the same lookup-table model, whose logits table serves as the Q
     head. The two are timed in turns, so a busy machine slows both alike; the ratio is the
     figure to compare across machines. Both run eagerly (q_search has no compiled path)."""
+    import q_learning  # here, not at the top: a compare child must import no version but its own
     S = 4096
     rng, nxt, rew, val, logit, table = table_model(device, S)
 
@@ -419,31 +420,73 @@ def project(args, totals, gpus):
           f"({one / many:.1f}x the updates/s of one)")
 
 
-def bench_compare(device, repeats, sync, against, network="reduced"):
+COMPARE_FLAGS = {"reduced": ["--num-envs", "64", "--channels", "16", "--reduced-channels", "8", "--proj-hidden",
+                                "64", "--proj-dim", "64", "--pred-hidden", "32", "--support-size", "50"],
+                 "default": ["--num-envs", "64"]}
+
+# A compare child: loads one version of muzero_nce.py under that name (so this file's own `import
+# muzero_nce` finds it, and only its import-time settings apply), then times its update. With
+# `keep` set, this version is imported first under another name, for its keep_freed_memory().
+COMPARE_CHILD = """
+import importlib.util, json, sys, time
+path, device, network, timed, here, keep = sys.argv[1:7]
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+if keep == "1":
+    load("muzero_nce_now", here + "/../muzero_nce.py")
+M = load("muzero_nce", path)
+sys.path.insert(0, here)
+import throughput, torch
+device = torch.device(device)
+sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+args = M.parse_args(["--device", str(device), *throughput.COMPARE_FLAGS[network]])
+update = throughput.single_process_update(M, args, device)[0]
+update()  # warm-up
+times = []
+for _ in range(int(timed)):
+    sync()
+    start = time.perf_counter()
+    update()
+    sync()
+    times.append(time.perf_counter() - start)
+print(json.dumps(times))
+"""
+
+
+def bench_compare(device, repeats, sync, against, network="reduced", timed=2):
     """The single process's update at the defaults of this muzero_nce.py and of the one at git
-    revision `against`, both on a reduced network (16 channels, small NCE heads and supports; the
-    batch, unroll, simulations and reanalyze fraction at their defaults), or with network="default"
-    on the default one, timed in turns in one process by the same code (single_process_update),
-    each with its own defaults."""
-    import importlib.util
-    old_path = os.path.join(tempfile.mkdtemp(prefix="muzero_old_"), "muzero_old.py")
+    revision `against`, on a reduced network (16 channels, small NCE heads and supports; the
+    batch, unroll, simulations and reanalyze fraction at their defaults) or on the default one,
+    each with its own defaults, by the same code (single_process_update). Each version runs in
+    its own process, as `python muzero_nce.py` would run it, so that what its import sets for
+    the process (this version's keep_freed_memory) applies to it alone: `repeats` rounds, each
+    starting one process of each version in turn, which times `timed` updates after a warm-up.
+    A third row runs the old version in a process where this version's keep_freed_memory() ran:
+    the allocator's share of the speed-up, apart from the code's."""
+    old_path = os.path.join(tempfile.mkdtemp(prefix="muzero_old_"), "muzero_nce.py")
     with open(old_path, "w") as f:
         f.write(subprocess.run(["git", "show", f"{against}:muzero_nce.py"], cwd=ROOT, capture_output=True, text=True,
                                check=True).stdout)
-    spec = importlib.util.spec_from_file_location("muzero_old", old_path)
-    old = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(old)
-    reduced = ["--device", str(device), "--num-envs", "64", "--channels", "16", "--reduced-channels", "8",
-               "--proj-hidden", "64", "--proj-dim", "64", "--pred-hidden", "32", "--support-size", "50"]
-    reduced = reduced if network == "reduced" else reduced[:4]
-    updates = {name: single_process_update(M, M.parse_args(reduced), device)[0]
-               for name, M in ((f"{against} (before)", old), ("this version", muzero_nce))}
-    times = medians_in_turns(updates, repeats, sync)
-    print(f"one update at the defaults, {network} network ({' '.join(reduced[4:])}), median of {repeats}:")
+    versions = {f"{against} (before)": (old_path, "0"), f"{against} + keep_freed_memory": (old_path, "1"),
+                "this version": (os.path.join(ROOT, "muzero_nce.py"), "0")}
+    times = {name: [] for name in versions}
+    for _ in range(repeats):
+        for name, (path, keep) in versions.items():
+            out = subprocess.run([sys.executable, "-c", COMPARE_CHILD, path, str(device), network, str(timed),
+                                  os.path.dirname(os.path.abspath(__file__)), keep], capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
+            times[name] += json.loads(out.stdout.splitlines()[-1])
+    print(f"one update at the defaults, {network} network ({' '.join(COMPARE_FLAGS[network])}), "
+          f"median of {repeats} processes x {timed} updates each:")
     for name, seconds in times.items():
-        print(f"  {name:<24} {seconds:.3f} s")
-    before, now = times.values()
-    print(f"  speed-up: {before / now:.2f}x")
+        print(f"  {name:<34} {statistics.median(seconds):7.3f} s   (all: {' '.join(f'{t:.2f}' for t in seconds)})")
+    before, kept, now = (statistics.median(t) for t in times.values())
+    print(f"  speed-up: {before / now:.2f}x ({before / kept:.2f}x from keep_freed_memory alone, then {kept / now:.2f}x "
+          f"from the code)")
 
 
 def bench_busy(device, repeats, sync):
