@@ -8,7 +8,9 @@
     python benchmarks/throughput.py update     # one training update and one actor step at the defaults, split by
                                                # part, with their roots, network rows and syncs; a 100k run projected
     python benchmarks/throughput.py compare    # the update of this muzero_nce.py against an older one (--against),
-                                               # reduced network (--network default: the full one), timed in turns
+                                               # reduced network (--network default: the full one), each version
+                                               # in its own processes, in turns; a third row: the old one with
+                                               # this version's keep_freed_memory
     python benchmarks/throughput.py busy       # the search and the actor, quiet and beside a busy-loop process
     python benchmarks/throughput.py layout     # env steps/s: the single process vs the process layout
     add --device cuda to run on the GPU (layout: --devices cuda:0,cuda:0,cuda:0 shares one GPU)
