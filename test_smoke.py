@@ -3929,11 +3929,12 @@ def test_gumbel_learns_corridor_with_few_simulations(learned):
 @pytest.mark.parametrize("mode", ["pure", "search", "c51"])
 def test_q_learning_solves_the_corridor(learned, mode):
     """Each mode, at its defaults, learns the corridor (run by the `learned` fixture): the pure
-    and C51 modes reach the optimal return in the final evaluation (checked: seeds 1-3). The
+    and C51 modes reach the optimal return in the final evaluation (checked: seeds 1-3 before the
+    channels-last convolutions, seed 1 after). The
     search mode's training is checked through its Q head: the weights it trained, scored with 0
     simulations, reach the optimal return. Its evaluation with the search (25 simulations) is
-    not asserted, because it does not reliably solve the corridor at this budget: seeds 1-3
-    scored 0.0-1.0, and a change of floating-point rounding alone (channels-last convolutions)
+    not asserted, because it does not reliably solve the corridor at this budget: seeds 1 and 2
+    score 0.0 and 0.5, and a change of floating-point rounding alone (channels-last convolutions)
     turned seed 1 from 1.0 to 0.0. Diagnosed on the trained weights: the Q head alone scores
     1.0, and 2 simulations already lower it to 0.5; after 2,900 updates at lr 1e-4 the model's
     reward for the step onto the goal is about 0.3 of 1.0, so one step of lookahead through the
