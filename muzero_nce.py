@@ -2692,7 +2692,11 @@ def resume(path, learner, acting, counters, buffer, actor, generators, envs):
     envs the run continues exactly; with C++ envs the running episodes are cut and fresh ones
     start; without a buffer, it warms up again before training resumes."""
     state = load_checkpoint(path)
-    learner.load_state_dict(state)
+    try:
+        learner.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as error:  # e.g. a checkpoint of an older network
+        fail(f"--resume {path}: the saved weights do not fit the network its flags describe "
+             f"({' '.join(str(error).split())[:300]})")
     acting.load_state_dict(state["acting"])
     counters.update(state["counters"])
     if "buffer" not in state:

@@ -56,6 +56,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -2299,12 +2300,7 @@ def learning_run(name, run_dir):
     else:
         args = q_corridor_args(run_dir, 1, flags)
         result = Q.train(args, big_env_fn)
-        if flags == "search":  # the same weights scored by their Q head alone (see test_q_learning_solves_the_corridor)
-            args.eval_simulations = 0
-            result["eval_return_q_head"] = float(Q.evaluate(result["net"], big_env_fn, args, torch.device("cpu"),
-                                                            args.seed + 10**6).mean())
-    print("summary " + json.dumps({key: result[key] for key in ("eval_return", "eval_return_q_head", "env_steps",
-                                                                "updates") if key in result}
+    print("summary " + json.dumps({key: result[key] for key in ("eval_return", "env_steps", "updates")}
                                   | {"seconds": round(time.time() - start, 1)}), flush=True)
 
 
@@ -3717,6 +3713,61 @@ def test_q_encoder_that_does_not_fit_the_env_is_a_one_line_error(tmp_path):
     assert Q.QNet((1, 3, 7), 4, 2, args).representation.__class__ is Q.Representation
 
 
+
+def test_q_nature_network_is_the_same_in_training_and_in_the_search():
+    """With the Nature CNN no BatchNorm is left in the Q network's representation, dynamics and
+    heads (DQN's have none; the NCE projection, used only in training, keeps its own): the
+    search's eval-mode dynamics gives what the unroll trained, however many steps it ran."""
+    args = Q.parse_args(["--proj-hidden", "16", "--proj-dim", "8", "--pred-hidden", "8"])
+    net = Q.QNet((1, 84, 84), 4, 9, args)
+    for part in (net.representation, net.dynamics, net.prediction):
+        assert not [m for m in part.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    torch.manual_seed(0)
+    obs, action = torch.randint(0, 256, (6, 4, 84, 84), dtype=torch.uint8), torch.arange(6) % 9
+    outputs = {}
+    for mode in ("train", "eval"):
+        getattr(net, mode)()
+        with torch.no_grad():
+            latent, q = net.initial_inference(obs)
+            outputs[mode] = (q, *net.recurrent_inference(latent, action))
+    for trained, searched in zip(outputs["train"], outputs["eval"]):
+        torch.testing.assert_close(searched, trained)
+
+
+@pytest.mark.parametrize("latent_hw", [(1, 1), (7, 7)])
+def test_q_dynamics_sees_the_action_from_initialisation(latent_hw):
+    """Q's dynamics adds a learned bias per action: at initialisation, two actions from one
+    latent lead as far apart as one action from two latents (ratio 0.67-1.09 here, 9 actions).
+    Through the one-hot planes alone the ratio is 0.07-0.09 on a 1x1 latent and about 0.3 on
+    Atari's 7x7, and with Adam at 1e-4 the planes' weights stayed near their initial size (on
+    the corridor, the model's reward then ignored the action)."""
+    ratios = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        dynamics = Q.without_batch_norm(Q.Dynamics(64, 9, 1, 16, 512, 10, latent_hw))
+        latent = Q.scale_hidden(torch.relu(torch.randn(64, 64, *latent_hw)))  # as the encoder's: in [0, 1]
+        with torch.no_grad():
+            first, second = (dynamics(latent, torch.full((64,), a))[0] for a in (0, 1))
+        by_action = (first - second).flatten(1).norm(dim=1).mean()
+        by_latent = (first - first.roll(1, 0)).flatten(1).norm(dim=1).mean()
+        ratios.append(float(by_action / by_latent))
+    assert min(ratios) > 0.5, ratios
+
+
+
+def test_q_resume_of_weights_from_another_network_is_a_one_line_error(tmp_path):
+    """A checkpoint whose weights do not fit (here: saved before the dynamics had its action bias)
+    stops --resume with one line naming the file, not torch's traceback."""
+    args = Q.parse_args(["--proj-hidden", "16", "--proj-dim", "8", "--pred-hidden", "8"])
+    learner = Q.Learner(Q.QNet((1, 84, 84), 4, 9, args), args, torch.device("cpu"))
+    state = learner.state_dict() | {"args": vars(args), "acting": {}, "counters": {}}
+    state["net"] = {k: v for k, v in state["net"].items() if not k.startswith("dynamics.action_bias")}
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(SystemExit, match=rf"^q_learning.py: error: --resume {re.escape(str(tmp_path))}/old.pt: the "
+                                         r"saved weights do not fit the network its flags describe \(.*action_bias"):
+        Q.resume(str(tmp_path / "old.pt"), learner, None, None, None, None, None, None)
+
+
 # ---- learning: the corridor, in each mode -------------------------------------------------------
 class BigCorridor(Corridor):
     """The corridor drawn large enough for the Nature CNN, q_learning.py's default encoder: each
@@ -3739,18 +3790,20 @@ def q_corridor_args(tmp_path, seed, mode):
     """q_learning.py at its defaults, the value-based recipe (Adam at 1e-4, n = 10, discount
     0.99, a target refreshed every update, batch 32, one update per env step, epsilon 1 until
     learning starts and annealed over the next 5,000 steps, the Nature CNN of 64 channels and a
-    512-unit head), changed in size only: 16 envs and 3,200 env steps (200 each), a buffer that
-    holds them, 320 of them before learning starts, 8 evaluation episodes, small NCE heads (with
-    search). The mode flags choose the mode. --no-clip-rewards because the decoy pays 0.3:
-    clipped, it would pay as much as the goal. Smaller networks learn this slower at 1e-4:
-    with 16 channels, pure Q-learning needed twice the steps."""
+    512-unit head), changed in size only: 16 envs and 3,200 env steps (200 each; 4,800 with
+    search, whose model must learn too), a buffer that holds them, 320 of them before learning
+    starts, 8 evaluation episodes, small NCE heads (with search). The mode flags choose the
+    mode. --no-clip-rewards because the decoy pays 0.3: clipped, it would pay as much as the
+    goal. Smaller networks learn this slower at 1e-4: with 16 channels, pure Q-learning needed
+    twice the steps."""
     flags = {
         "--device": "cpu", "--seed": seed, "--num-envs": 16, "--total-env-steps": 3200, "--buffer-size": 3200,
         "--learning-starts": 320, "--eval-episodes": 8, "--proj-hidden": 64, "--proj-dim": 64, "--pred-hidden": 32,
         "--eval-interval": 0, "--log-interval": 10**9, "--checkpoint-interval": 10**9,
         "--run-dir": str(tmp_path / "run"),
     }
-    modes = {"pure": ["--num-simulations", "0", "--eval-simulations", "0", "--jumps", "0"], "search": [],
+    modes = {"pure": ["--num-simulations", "0", "--eval-simulations", "0", "--jumps", "0"],
+             "search": ["--total-env-steps", "4800", "--buffer-size", "4800"],
              "c51": ["--num-simulations", "0", "--eval-simulations", "0", "--jumps", "0", "--distributional"]}
     return Q.parse_args([str(x) for kv in flags.items() for x in kv] + modes[mode] + ["--no-clip-rewards"])
 
@@ -3875,6 +3928,18 @@ Q_DIFFERS = {
     "train": [("MuZeroNet", "QNet"), ('            done = counters["env_steps"] / args.total_env_steps\n', ""),
               ("visit_temperature(done)", 'epsilon_schedule(args, counters["env_steps"])')],
     "launch": [("MuZeroNet", "QNet")],
+    "Dynamics": [  # the action also enters as a learned bias per channel (see q_learning.py's docstring)
+        ('one-hot planes."""', 'one-hot planes,\n    and as a learned bias per channel. (The bias is '
+         'Q\'s: at Adam\'s lr of 1e-4, the planes\'\n    weights, which the 3x3 convolution initialises '
+         'at 1/sqrt(9 (C + A)), stayed at their\n'
+         '    initial size, and on the test corridor\'s 1x1 latent the model\'s reward ignored the action.)"""'),
+        ("(channels)\n", "(channels)\n        self.action_bias = nn.Linear(num_actions, channels)\n"),
+        ("planes = F.one_hot(action, self.num_actions).to(latent.dtype)[:, :, None, None]",
+         "one_hot = F.one_hot(action, self.num_actions).to(latent.dtype)                   # [B, A]\n"
+         "        planes = one_hot[:, :, None, None]"),
+        ("x = F.relu(self.bn(self.conv(torch.cat([latent, planes], 1))) + latent)",
+         "x = self.conv(torch.cat([latent, planes], 1)) + self.action_bias(one_hot)[:, :, None, None]\n"
+         "        x = F.relu(self.bn(x) + latent)")],
     "evaluate_checkpoint": [("MuZeroNet", "QNet")],
 }
 
@@ -3928,19 +3993,14 @@ def test_gumbel_learns_corridor_with_few_simulations(learned):
 
 @pytest.mark.parametrize("mode", ["pure", "search", "c51"])
 def test_q_learning_solves_the_corridor(learned, mode):
-    """Each mode, at its defaults, learns the corridor (run by the `learned` fixture): the pure
-    and C51 modes reach the optimal return in the final evaluation (checked: seeds 1-3 before the
-    channels-last convolutions, seed 1 after). The
-    search mode's training is checked through its Q head: the weights it trained, scored with 0
-    simulations, reach the optimal return. Its evaluation with the search (25 simulations) is
-    not asserted, because it does not reliably solve the corridor at this budget: seeds 1 and 2
-    score 0.0 and 0.5, and a change of floating-point rounding alone (channels-last convolutions)
-    turned seed 1 from 1.0 to 0.0. Diagnosed on the trained weights: the Q head alone scores
-    1.0, and 2 simulations already lower it to 0.5; after 2,900 updates at lr 1e-4 the model's
-    reward for the step onto the goal is about 0.3 of 1.0, so one step of lookahead through the
-    model values the winning move below a step back, whose Q the head already puts near 0.83."""
+    """Each mode, at its defaults, learns the corridor (run by the `learned` fixture) and reaches
+    the optimal return in the final evaluation, the search mode with its own search (25
+    simulations). Checked: pure and C51 seeds 1-3 before the channels-last convolutions, seed 1
+    after; the search mode seeds 1 and 2 at 4,800 steps. At 3,200 the search mode's seeds 1-2
+    scored 0.5 and 1.0 (seeds 1-4 of a variant that differed only in its initialisation: 1.0):
+    by then its model's reward does not yet tell the two actions apart; at 4,800 it does
+    (seed 1: 0.39 against 0.09 for the step onto the goal)."""
     result = learned[f"q_{mode}"]
     assert "error" not in result, result.get("error")
-    assert result["env_steps"] == 3200
-    print(f"q_{mode}: final evaluation {result['eval_return']}")
-    assert result["eval_return_q_head" if mode == "search" else "eval_return"] >= 0.9 * GOAL
+    assert result["env_steps"] == (4800 if mode == "search" else 3200)
+    assert result["eval_return"] >= 0.9 * GOAL
