@@ -1,12 +1,17 @@
 """What README's Q-learning section says of the Q search mode's learned model, measured.
 
     python benchmarks/q_model_checks.py action-signal
+    python benchmarks/q_model_checks.py dynamics-weights runs/<run>/checkpoint.pt
     python benchmarks/q_model_checks.py corridor --seeds 1 2 3 4 [--steps 4800]
 
 action-signal: at initialisation, how far two actions move q_learning.py's next latent from one
 latent, against how far one action moves it from two latents (the mean distance of each, their
 ratio), for 2, 9 and 18 actions on a 1x1 latent (the test corridor's) and a 7x7 one (Atari's),
 seeds 0-4: with the dynamics' action bias, and with it zeroed (the one-hot planes alone).
+
+dynamics-weights CHECKPOINT: the root mean square of the dynamics' first convolution's weights
+in a q_learning.py checkpoint (any version), its latent taps and its action taps apart, against
+the standard deviation PyTorch initialises them with (uniform on +-1/sqrt(fan-in)).
 
 corridor: for each seed, the search mode's corridor run of the test suite
 (test_smoke.q_corridor_args(..., "search"), its defaults but sizes) with --total-env-steps and
@@ -50,6 +55,17 @@ def action_signal():
                       f"{min(ratios):.2f}-{max(ratios):.2f}", flush=True)
 
 
+def dynamics_weights(path):
+    state = torch.load(path, map_location="cpu", weights_only=False)["net"]
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    weight = state["dynamics.conv.weight"]                                  # [C, C + A, 3, 3]
+    channels = weight.shape[0]
+    initial = 1 / (3 * weight[0].numel()) ** 0.5  # std of uniform(+-1/sqrt(fan_in))
+    rms = lambda w: float(w.pow(2).mean().sqrt())
+    print(f"{path}: dynamics.conv.weight {tuple(weight.shape)} | latent taps rms {rms(weight[:, :channels]):.4f} | "
+          f"action taps rms {rms(weight[:, channels:]):.4f} | at initialisation {initial:.4f}")
+
+
 def corridor(seeds, steps):
     import test_smoke as t
     torch.set_num_threads(1)
@@ -86,8 +102,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("action-signal")
+    sub.add_parser("dynamics-weights").add_argument("checkpoint")
     run = sub.add_parser("corridor")
     run.add_argument("--seeds", type=int, nargs="+", default=[1])
     run.add_argument("--steps", type=int, default=4800)
     args = parser.parse_args()
-    action_signal() if args.command == "action-signal" else corridor(args.seeds, args.steps)
+    if args.command == "action-signal":
+        action_signal()
+    elif args.command == "dynamics-weights":
+        dynamics_weights(args.checkpoint)
+    else:
+        corridor(args.seeds, args.steps)
